@@ -1,0 +1,222 @@
+"""GroupedResNet18: pack/unpack, per-expert inputs, subsets on views, both executors, errors."""
+import pytest
+import torch
+
+import fastmoe_adv as fm
+from helpers import grouped_grads_per_expert, randomize_, rel_err
+
+TOL = 1e-5
+EXECUTORS = ["grouped", "loop"]
+
+# torchvision's resnet18 key names (the CIFAR variant changes conv1's shape, not its name).
+TORCHVISION_KEYS_SAMPLE = [
+    "conv1.weight", "bn1.weight", "bn1.bias", "bn1.running_mean", "bn1.running_var", "bn1.num_batches_tracked",
+    "layer1.0.conv1.weight", "layer1.0.bn2.running_var", "layer1.1.conv2.weight",
+    "layer2.0.downsample.0.weight", "layer2.0.downsample.1.weight", "layer2.0.downsample.1.num_batches_tracked",
+    "layer3.1.bn1.bias", "layer4.0.downsample.0.weight", "layer4.1.bn2.running_mean", "fc.weight", "fc.bias",
+]
+
+
+def _experts(n, width, num_classes=10, seed=0):
+    torch.manual_seed(seed)
+    return [randomize_(fm.ResNet18(num_classes, width)) for _ in range(n)]
+
+
+def test_resnet18_torchvision_key_names_and_shapes():
+    sd = fm.ResNet18(num_classes=10, width=64).state_dict()
+    assert len(sd) == 122  # torchvision resnet18: 62 params + 60 BN buffers
+    for key in TORCHVISION_KEYS_SAMPLE:
+        assert key in sd, key
+    assert tuple(sd["conv1.weight"].shape) == (64, 3, 3, 3)
+    assert tuple(sd["layer4.1.conv2.weight"].shape) == (512, 512, 3, 3)
+    assert tuple(sd["fc.weight"].shape) == (10, 512)
+    assert not any("layer1.0.downsample" in k for k in sd)  # stage 1 keeps the width: no projection
+    n_params = sum(p.numel() for p in fm.ResNet18(10, 64).parameters())
+    assert n_params == 11_173_962  # the CIFAR ResNet-18
+
+
+def test_resnet18_loads_into_torchvision_when_available():
+    try:
+        import torchvision
+    except Exception as exc:  # the CPU torch build here cannot import torchvision's compiled part
+        pytest.skip(f"torchvision not importable: {exc}")
+    tv = torchvision.models.resnet18(num_classes=10)
+    tv.conv1 = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    tv.maxpool = torch.nn.Identity()
+    ours = randomize_(fm.ResNet18(10, 64)).eval()
+    tv.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    assert rel_err(tv.eval()(x), ours(x)) <= TOL
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+@pytest.mark.parametrize("num_experts,width,batch", [(9, 4, 3), (3, 8, 5), (1, 6, 2)])
+def test_load_experts_matches_each_expert(executor, num_experts, width, batch):
+    experts = _experts(num_experts, width)
+    grouped = fm.GroupedResNet18(num_experts, 10, width, executor=executor)
+    grouped.load_expert_state_dicts([m.state_dict() for m in experts])
+    x = torch.randn(batch, 3, 32, 32)
+    out = grouped.eval()(x)
+    assert out.shape == (batch, num_experts, 10)
+    for e, m in enumerate(experts):
+        assert rel_err(out[:, e], m.eval()(x)) <= TOL
+
+
+def test_expert_state_dicts_round_trip_bit_exact():
+    experts = _experts(9, 4)
+    grouped = fm.GroupedResNet18(9, 10, 4)
+    grouped.load_expert_state_dicts([m.state_dict() for m in experts])
+    back = grouped.expert_state_dicts()
+    for m, sd in zip(experts, back):
+        ref = m.state_dict()
+        assert list(sd.keys()) == list(ref.keys())
+        for k in ref:
+            assert torch.equal(sd[k], ref[k]), k
+            assert sd[k].dtype == ref[k].dtype, k
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_per_expert_input_equals_each_expert_on_its_slice(executor):
+    experts = _experts(3, 4)
+    grouped = fm.GroupedResNet18(3, 10, 4, executor=executor)
+    grouped.load_expert_state_dicts([m.state_dict() for m in experts])
+    x = torch.randn(5, 3, 3, 32, 32)
+    out = grouped.eval()(x)
+    for e, m in enumerate(experts):
+        assert rel_err(out[:, e], m.eval()(x[:, e])) <= TOL
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_train_mode_matches_experts_and_updates_running_stats(executor):
+    experts = _experts(3, 4)
+    grouped = fm.GroupedResNet18(3, 10, 4, executor=executor)
+    grouped.load_expert_state_dicts([m.state_dict() for m in experts])
+    x = torch.randn(7, 3, 3, 32, 32, requires_grad=True)
+    out = grouped.train()(x)
+    g_out = torch.randn_like(out)
+    (out * g_out).sum().backward()
+    xs = [x.detach()[:, e].clone().requires_grad_() for e in range(3)]
+    for e, m in enumerate(experts):
+        o = m.train()(xs[e])
+        (o * g_out[:, e]).sum().backward()
+        assert rel_err(out[:, e], o) <= TOL
+        assert rel_err(x.grad[:, e], xs[e].grad) <= TOL
+    for e, (m, sd, grads) in enumerate(zip(experts, grouped.expert_state_dicts(), grouped_grads_per_expert(grouped))):
+        for k, v in m.state_dict().items():
+            if k.endswith("num_batches_tracked"):
+                assert torch.equal(sd[k], v), k
+            else:
+                assert rel_err(sd[k], v) <= TOL, k
+        for k, p in m.named_parameters():
+            assert rel_err(grads[k], p.grad) <= TOL, (e, k)
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_subset_runs_on_views_and_touches_only_its_experts(executor):
+    experts = _experts(5, 4)
+    grouped = fm.GroupedResNet18(5, 10, 4, executor=executor)
+    grouped.load_expert_state_dicts([m.state_dict() for m in experts])
+    before = grouped.expert_state_dicts()
+    # No copies: the subset's conv weight is a view into the grouped storage.
+    w = grouped.layer1[0].conv1.weight
+    c = grouped.layer1[0].conv1.out_channels
+    view = w[1 * c:3 * c]
+    assert view.untyped_storage().data_ptr() == w.untyped_storage().data_ptr()
+
+    x = torch.randn(4, 2, 3, 32, 32)
+    out = grouped.train()(x, experts=slice(1, 3))
+    assert out.shape == (4, 2, 10)
+    out.square().sum().backward()
+    after = grouped.expert_state_dicts()
+    grads = grouped_grads_per_expert(grouped)
+    for e in range(5):
+        stats_changed = not torch.equal(after[e]["bn1.running_mean"], before[e]["bn1.running_mean"])
+        grad_nonzero = grads[e]["conv1.weight"].abs().sum().item() > 0
+        assert stats_changed == (e in (1, 2)), e
+        assert grad_nonzero == (e in (1, 2)), e
+        assert int(after[e]["bn1.num_batches_tracked"] - before[e]["bn1.num_batches_tracked"]) == (e in (1, 2))
+    # The subset's outputs equal those experts run alone (train-mode BN uses batch stats).
+    for j, e in enumerate((1, 2)):
+        assert rel_err(out[:, j], experts[e].train()(x[:, j])) <= TOL
+
+
+def test_subset_spellings_agree():
+    grouped = randomize_(fm.GroupedResNet18(4, 10, 4)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    full = grouped(x)
+    for spec in (slice(1, 3), range(1, 3), (1, 3)):
+        assert torch.allclose(grouped(x, experts=spec), full[:, 1:3], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(grouped(x, experts=2), full[:, 2:3], rtol=1e-5, atol=1e-6)
+
+
+def test_executors_agree_forward_and_backward():
+    grouped = randomize_(fm.GroupedResNet18(9, 10, 8))
+    x = torch.randn(3, 3, 32, 32)
+    outs, grads = [], []
+    for executor in EXECUTORS:
+        grouped.zero_grad()
+        out = grouped.eval()(x, executor=executor)
+        out.sum().backward()
+        outs.append(out)
+        grads.append([p.grad.clone() for p in grouped.parameters()])
+    assert rel_err(outs[0], outs[1]) <= TOL
+    for a, b in zip(*grads):
+        assert rel_err(a, b) <= TOL
+
+
+def test_channels_last_matches():
+    grouped = randomize_(fm.GroupedResNet18(3, 10, 8)).eval()
+    x = torch.randn(3, 3, 32, 32)
+    ref = grouped(x)
+    cl = grouped.to(memory_format=torch.channels_last)
+    for executor in EXECUTORS:
+        assert rel_err(cl(x.contiguous(memory_format=torch.channels_last), executor=executor), ref) <= TOL
+
+
+def test_from_experts_and_to_experts():
+    experts = _experts(3, 4)
+    grouped = fm.GroupedResNet18.from_experts(experts)
+    back = grouped.to_experts()
+    x = torch.randn(2, 3, 32, 32)
+    for m, b in zip(experts, back):
+        assert torch.equal(m.eval()(x), b.eval()(x))
+
+
+# ------------------------------------------------------------------ errors
+def test_bad_inputs_name_expected_and_given():
+    grouped = fm.GroupedResNet18(3, 10, 4)
+    with pytest.raises(ValueError, match=r"3 channels.*\(2, 4, 32, 32\)"):
+        grouped(torch.randn(2, 4, 32, 32))
+    with pytest.raises(ValueError, match=r"rank 3"):
+        grouped(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match=r"\[B,3,3,H,W\].*\(2, 4, 3, 32, 32\)"):
+        grouped(torch.randn(2, 4, 3, 32, 32))
+    with pytest.raises(TypeError, match="floating-point.*torch.uint8"):
+        grouped(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="contiguous range"):
+        grouped(torch.randn(2, 3, 32, 32), experts=slice(2, 5))
+    with pytest.raises(ValueError, match="executor must be one of"):
+        grouped(torch.randn(2, 3, 32, 32), executor="fast")
+    with pytest.raises(ValueError, match="num_experts"):
+        fm.GroupedResNet18(0, 10, 4)
+    with pytest.raises(ValueError, match="width"):
+        fm.ResNet18(10, 0)
+
+
+def test_bad_state_dicts():
+    grouped = fm.GroupedResNet18(3, 10, 4)
+    good = [fm.ResNet18(10, 4).state_dict() for _ in range(3)]
+    with pytest.raises(ValueError, match="expected 3 state_dicts.*got 2"):
+        grouped.load_expert_state_dicts(good[:2])
+    missing = dict(good[1])
+    del missing["layer2.0.downsample.0.weight"]
+    with pytest.raises(ValueError, match=r"state_dict 1: .*missing \['layer2.0.downsample.0.weight'\]"):
+        grouped.load_expert_state_dicts([good[0], missing, good[2]])
+    extra = dict(good[2], **{"head.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match=r"state_dict 2: .*unexpected \['head.weight'\]"):
+        grouped.load_expert_state_dicts([good[0], good[1], extra])
+    wrong = dict(good[0], **{"fc.weight": torch.zeros(7, 32)})
+    with pytest.raises(ValueError, match=r"fc.weight expected shape \(10, 32\), got \(7, 32\)"):
+        grouped.load_expert_state_dicts([wrong, good[1], good[2]])
+    with pytest.raises(TypeError, match="list of 3 state_dicts"):
+        grouped.load_expert_state_dicts(good[0])
