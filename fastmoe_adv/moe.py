@@ -69,8 +69,10 @@ def _check_roles(roles, num_experts) -> list[str]:
 
 def _check_stats(name, value) -> tuple[float, float, float]:
     try:
+        if isinstance(value, (str, bytes)):
+            raise TypeError
         vals = tuple(float(v) for v in (value.tolist() if isinstance(value, torch.Tensor) else value))
-    except TypeError:
+    except (TypeError, ValueError):
         raise TypeError(f"{name} must be a sequence of 3 floats (one per RGB channel), got {value!r}") from None
     if len(vals) != 3:
         raise ValueError(f"{name} must have 3 values (one per RGB channel), got {len(vals)}: {vals}")
@@ -163,7 +165,8 @@ class FastSoftMoE(_SoftMoEBase):
         self._check_image(x)
         xn = self.normalize(x)
         expert_logits = self.experts(xn)                   # [B, E, K]
-        gate_logits = self.gate(xn)                        # [B, E]
+        # Under autocast the two may come out in different dtypes; the mix accumulates in fp32 anyway.
+        gate_logits = self.gate(xn).to(expert_logits.dtype)  # [B, E]
         logits, weights = gated_mix(expert_logits, gate_logits, mode=self.mix, temperature=self.temperature,
                                     return_weights=True, backend=self.backend)
         if return_details:
