@@ -1,23 +1,23 @@
 """Fused ops for fastmoe_adv (installed as ``fastmoe_adv.kernels``).
 
-PLACEHOLDER: torch twins only; the Triton kernels and dispatchers replace this file.
+Each op has a Triton implementation and a plain-PyTorch twin with the same signature
+(minus ``backend``); ``use_triton(tensor, backend)`` is the one place that picks between them.
+Triton is optional: without it, ``backend="auto"`` always runs the twins.
 """
-import torch
+from .dispatch import interpreter_enabled, triton_available, use_triton
+from .gated_mix import gated_mix, gated_mix_torch
+from .pgd_step import fgsm_step, pgd_random_start, pgd_random_start_torch, pgd_step, pgd_step_, pgd_step_torch
 
-__all__ = ["gated_mix", "pgd_step"]
-
-
-def gated_mix(expert_logits, gate_logits, mode="logits", temperature=1.0, return_weights=False, backend="auto"):
-    w = torch.softmax(gate_logits.float() / temperature, dim=-1)
-    if mode == "logits":
-        out = torch.einsum("be,bek->bk", w, expert_logits.float())
-    else:
-        out = torch.logsumexp(torch.log_softmax(expert_logits.float(), -1) + torch.log(w).unsqueeze(-1), dim=1)
-    out = out.to(expert_logits.dtype)
-    return (out, w) if return_weights else out
-
-
-def pgd_step(x_adv, grad, x_nat, alpha, eps, lo=0.0, hi=1.0, backend="auto"):
-    x = x_adv + alpha * torch.sign(grad)
-    x = torch.min(torch.max(x, x_nat - eps), x_nat + eps)
-    return x.clamp(lo, hi)
+__all__ = [
+    "gated_mix",
+    "gated_mix_torch",
+    "pgd_step",
+    "pgd_step_",
+    "pgd_step_torch",
+    "pgd_random_start",
+    "pgd_random_start_torch",
+    "fgsm_step",
+    "use_triton",
+    "triton_available",
+    "interpreter_enabled",
+]
