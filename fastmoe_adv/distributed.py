@@ -1,0 +1,123 @@
+"""The little torch.distributed glue the training recipe needs (``torchrun`` launches).
+
+Single process is the default: ``setup()`` starts a process group only when the environment
+says ``WORLD_SIZE > 1`` (as ``torchrun`` sets it), NCCL on CUDA devices and gloo on CPU. Every
+helper is a no-op (or the trivial answer) when no group is running, so the training code calls
+them unconditionally.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "env_world_size", "setup", "cleanup", "is_initialized", "barrier",
+           "all_gather_object", "broadcast_object", "any_true", "resolve_device"]
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    started_here: bool = False   # we called init_process_group, so we destroy it
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(name, default):
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name} must be an int, got {value!r}") from None
+
+
+def env_world_size() -> int:
+    return _env_int("WORLD_SIZE", 1)
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> torch.device:
+    """``"auto"``/None -> ``cuda:<local_rank>`` when CUDA is available, else CPU; a bare
+    ``"cuda"`` under torchrun becomes ``cuda:<local_rank>``."""
+    if device is None or device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: {device!r} requested but CUDA is not available here")
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+    elif dev.type != "cpu":
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    return dev
+
+
+def setup(device: str | torch.device | None = "auto", timeout_s: float = 600.0) -> DistInfo:
+    """Join the process group the environment describes (if any) and pick this rank's device."""
+    world = env_world_size()
+    if world <= 1:
+        return DistInfo(device=resolve_device(device))
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    dev = resolve_device(device, local_rank)
+    started = False
+    if not is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        started = True
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev, started)
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.started_here and is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_initialized():
+        dist.barrier()
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj`` (a list with one entry per rank); ``[obj]`` without a group."""
+    if not is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def any_true(flag: bool, device: torch.device) -> bool:
+    """True on every rank when ``flag`` is true on any rank (so all ranks stop at the same step)."""
+    if not is_initialized():
+        return bool(flag)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
