@@ -1,19 +1,346 @@
-"""Which executor is faster on this device: a measured fact, not an assumption.
+"""Which executor runs the experts: a measured fact per device, never an assumption.
 
-``pick_executor(engine, x)`` answers ``"grouped"`` or ``"loop"`` for ``executor="auto"``.
-CPU: the loop, as measured by ``benchmarks/test_bench_experts.py`` (see benchmarks/RESULTS.md).
-CUDA: a quick first-use probe times both executors on the actual shapes and caches the winner.
+``pick_executor(engine, x)`` answers ``"grouped"`` or ``"loop"`` for ``executor="auto"``
+(``GroupedResNet18.resolve_executor`` calls it on every forward). In order:
+
+1. ``FASTMOE_EXECUTOR=grouped|loop`` in the environment forces that executor;
+   ``FASTMOE_EXECUTOR=probe`` measures on any device, CPU included (see 3).
+2. CPU: a fixed table, ``CPU_TABLE``, from ``benchmarks/test_bench_experts.py`` runs. CPU picks
+   are deterministic on purpose: the two executors differ in float rounding, and training
+   resumed from a checkpoint must end bit-identical on CPU, which a timing-based choice that
+   flips between runs would break. Verify the table on a new CPU with the benchmark (its
+   ``auto_pick`` column) or ``FASTMOE_EXECUTOR=probe``.
+3. CUDA (and any other device): a first-use probe times both executors on the actual shape
+   (``probe``) and caches the faster, keyed by device name, experts, width, batch, H, W, dtype,
+   memory layout, autocast, BN mode and the kind of pass. The probe leaves the engine as it was:
+   BatchNorm buffers are saved and restored, gradients come from ``torch.autograd.grad`` (no
+   parameter ``.grad`` is written).
+
+Every pick is recorded: ``explain()`` prints what was picked for which shape and why
+(the table row or the measured medians), ``decisions()`` returns the records, and
+``decide(engine, x)`` returns the record of one call.
 """
 from __future__ import annotations
 
-__all__ = ["pick_executor", "MEASURED"]
+import math
+import os
+import statistics
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
 
-# device type -> executor measured faster (benchmarks/RESULTS.md)
-MEASURED = {"cpu": "loop"}
+import torch
+
+__all__ = ["pick_executor", "decide", "probe", "explain", "decisions", "clear", "Decision", "TableRow", "ProbeSettings",
+           "CPU_TABLE", "PROBE_SETTINGS", "ENV_VAR", "CHOICES", "work_per_expert"]
+
+ENV_VAR = "FASTMOE_EXECUTOR"
+CHOICES = ("grouped", "loop")
+_ENV_VALUES = CHOICES + ("probe",)
 
 
+@dataclass(frozen=True)
+class TableRow:
+    """Use ``executor`` when the pass is one of ``passes``, the batch is >= ``min_batch`` and
+    the per-expert work (``work_per_expert``) is >= ``min_work``. The first matching row wins."""
+
+    executor: str
+    passes: tuple
+    min_batch: int
+    min_work: int
+    evidence: str       # what was measured (benchmarks/RESULTS.md has the tables)
+
+    def matches(self, passes: str, batch: int, work: int) -> bool:
+        return passes in self.passes and batch >= self.min_batch and work >= self.min_work
+
+
+def work_per_expert(batch: int, width: int, height: int, width_px: int) -> int:
+    """batch * width^2 * H * W: proportional to one expert's FLOPs for one pass."""
+    return int(batch) * int(width) ** 2 * int(height) * int(width_px)
+
+
+_ALL_PASSES = ("fwd", "bwd-input", "bwd-params")
+
+# Measured on the 2-core AMD EPYC dev box (torch 2.13, 9 experts, 32x32 images): the
+# benchmark (benchmarks/test_bench_experts.py, medians of 5) and interleaved min-of-4..7 probes
+# of the engine alone; grouped/loop time ratio, NCHW and channels_last. The box was shared:
+# ratios within ~20% are ties. Per-expert work = batch * width^2 * H * W, e.g. w8 b32: 2.1M.
+#   pass        grouped faster (g/l)                           loop faster (g/l)
+#   fwd         w4b4 .2-.35, w8b8 .4, w4b32 .8, w16b8 .7,      w8b64 1.6-1.9, w16b32 1.3-1.45,
+#               w32b4 .8; ties: w8b16, w16b16, w32b8, w4b64    w16b64 1.8-2.2 (benchmark 2.2-2.6)
+#               (loop 1.2), w8b32 (benchmark .75-.85 twice,
+#               engine-only probes 1.05-1.3)
+#   bwd-input   w4b16 .5, w8b8 .5, w8b16 .6-.8, w8b32 .8-.9    w16b32 1.2-1.4, w16b64 1.8-2.0
+#               (benchmark PGD-10 .93); ties: w16b16, w8b64
+#   bwd-params  w4b4 .3, w8b8 .5, w8b32 .75-.8 (benchmark      w16b32 1.1-1.2, w16b64 1.5-1.7
+#               .75-.85), w16b16 .8-.9, w32b4 .6, w32b8 .7;    (benchmark 1.75-1.8)
+#               tie: w8b64
+# The loop wins only at batch >= 32 with enough work per expert: then E plain oneDNN
+# convolutions beat one grouped convolution; below that, the loop's E times more ops (and
+# their per-op overhead) lose. Where the two are within noise the table keeps "grouped".
+CPU_TABLE: tuple = (
+    TableRow("loop", ("fwd",), 32, 4_194_304,
+             "forward without grad, batch >= 32, work >= w8b64: loop 1.3-2.6x faster (w8b64, w16b32, w16b64)"),
+    TableRow("loop", ("bwd-input", "bwd-params"), 32, 8_388_608,
+             "with a backward, batch >= 32, work >= w16b32: loop 1.1-2.0x faster (w16b32, w16b64; "
+             "prototype w16b64 fwd+bwd channels_last 0.80 s vs 1.30 s)"),
+    TableRow("grouped", _ALL_PASSES, 0, 0,
+             "smaller batches or work: grouped 1.1-5x faster (w4b4 .. w8b32, w32b8 with backward), ties "
+             "within 20% at w8b16, w16b16, w8b64, w8b32 forward"),
+)
+
+
+@dataclass
+class ProbeSettings:
+    """How the first-use probe measures: ``warmup`` untimed passes per executor (cuDNN's
+    algorithm search with ``cudnn.benchmark``, the allocator), then ``runs`` timed passes per
+    executor, interleaved; the median decides. ``timer(run, executor) -> seconds`` times one
+    pass (None: wall clock with device synchronization)."""
+
+    runs: int = 5
+    warmup: int = 2
+    timer: Callable | None = None
+
+
+PROBE_SETTINGS = ProbeSettings()
+
+
+@dataclass(frozen=True)
+class Decision:
+    executor: str            # "grouped" | "loop"
+    source: str              # "env" | "table" | "probe" | "fallback"
+    key: tuple               # see _key()
+    reason: str
+    timings: dict = field(default_factory=dict)   # probe: executor -> median seconds per pass
+
+    def describe(self) -> str:
+        shape = ", ".join(f"{k}={v}" for k, v in zip(_KEY_FIELDS, self.key))
+        return f"{self.executor} [{self.source}] for ({shape}): {self.reason}"
+
+
+_KEY_FIELDS = ("device", "experts", "active", "shared_input", "width", "batch", "H", "W", "dtype", "x_layout",
+               "w_layout", "autocast", "bn_train", "pass", "cudnn_benchmark")
+
+_LOCK = threading.RLock()
+_PROBED: dict = {}          # key -> Decision (probe results, reused)
+_LAST: dict = {}            # key -> the latest Decision of any source (for explain())
+_DEVICE_NAMES: dict = {}
+
+
+# ----------------------------------------------------------------------------- the pick
 def pick_executor(engine, x) -> str:
-    kind = x.device.type
-    if kind in MEASURED:
-        return MEASURED[kind]
-    return "loop"
+    """``"grouped"`` or ``"loop"`` for running ``engine`` (a ``GroupedResNet18``) on ``x``."""
+    return decide(engine, x).executor
+
+
+def decide(engine, x) -> Decision:
+    """The full ``Decision`` behind ``pick_executor(engine, x)`` (executor, source, reason)."""
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    if env and env not in _ENV_VALUES:
+        raise ValueError(f"{ENV_VAR} must be one of {_ENV_VALUES} (or unset), got {os.environ[ENV_VAR]!r}")
+    compiling = _is_compiling()
+    key = _key(engine, x)
+    if env in CHOICES:
+        decision = Decision(env, "env", key, f"{ENV_VAR}={env}")
+    elif x.device.type == "cpu" and env != "probe":
+        decision = _from_table(key, CPU_TABLE)
+    else:
+        decision = _PROBED.get(key)
+        if decision is None:
+            if compiling or _capturing(x):
+                # Timing needs synchronization, impossible inside torch.compile tracing or CUDA
+                # graph capture: say so loudly rather than pick silently.
+                what = "torch.compile tracing" if compiling else "CUDA graph capture"
+                decision = Decision("grouped", "fallback", key,
+                                    f"not measured: first use of this shape was inside {what}")
+                warnings.warn(f"fastmoe_adv: executor='auto' met a new shape inside {what}, where it cannot "
+                              f"time the executors; using 'grouped' unmeasured. Run one eager forward with the "
+                              f"same shape first, or pass executor='grouped'|'loop' explicitly.", RuntimeWarning,
+                              stacklevel=4)
+            else:
+                decision = _probe_and_cache(engine, x, key)
+    if not compiling:
+        _LAST.pop(key, None)  # re-insert: decisions() lists the latest last
+        _LAST[key] = decision
+    return decision
+
+
+def _from_table(key, table) -> Decision:
+    d = dict(zip(_KEY_FIELDS, key))
+    work = work_per_expert(d["batch"], d["width"], d["H"], d["W"])
+    for row in table:
+        if row.matches(d["pass"], d["batch"], work):
+            return Decision(row.executor, "table", key,
+                            f"CPU table: pass {d['pass']}, batch {d['batch']}, work per expert {work:,}: "
+                            f"{row.evidence}")
+    raise AssertionError("CPU_TABLE must end with a row that matches everything")
+
+
+def _probe_and_cache(engine, x, key) -> Decision:
+    with _LOCK:
+        if key in _PROBED:  # another thread probed it meanwhile
+            return _PROBED[key]
+        timings = probe(engine, x, PROBE_SETTINGS.runs, PROBE_SETTINGS.warmup, PROBE_SETTINGS.timer)
+        best = min(CHOICES, key=lambda e: timings[e])
+        other = CHOICES[1 - CHOICES.index(best)]
+        ratio = timings[other] / timings[best] if timings[best] > 0 else math.inf
+        reason = (f"probe: median of {PROBE_SETTINGS.runs} passes, {best} {_fmt_s(timings[best])} vs "
+                  f"{other} {_fmt_s(timings[other])} ({ratio:.2f}x)")
+        decision = Decision(best, "probe", key, reason, dict(timings))
+        _PROBED[key] = decision
+        return decision
+
+
+# ----------------------------------------------------------------------------- the probe
+def probe(engine, x, runs: int = 5, warmup: int = 2, timer: Callable | None = None) -> dict:
+    """Median seconds of one pass of each executor (``{"grouped": s, "loop": s}``) on ``x``.
+
+    The pass is what the caller is doing: with grad mode on and ``x`` requiring grad, forward +
+    input gradient (an attack step); with grad mode on and trainable parameters, forward +
+    parameter gradients (a training step); else forward only. Runs under the caller's autocast
+    and BN mode. BatchNorm buffers are restored afterwards and no ``.grad`` is written. An
+    executor that runs out of memory gets ``inf``.
+    """
+    if runs < 1 or warmup < 0:
+        raise ValueError(f"probe needs runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
+    timer = timer or _wall_timer(x.device)
+    experts = (0, x.shape[1]) if x.dim() == 5 else None
+    kind = _pass_kind(engine, x)
+    params = [p for p in engine.parameters() if p.requires_grad]
+    inp = x.detach().requires_grad_(kind == "bwd-input")
+
+    def one_pass(executor):
+        out = engine(inp, experts=experts, executor=executor)
+        if kind == "bwd-input":
+            torch.autograd.grad(out.float().sum(), [inp])
+        elif kind == "bwd-params":
+            torch.autograd.grad(out.float().sum(), params)
+
+    saved = {name: b.detach().clone() for name, b in engine.named_buffers()}
+    samples = {e: [] for e in CHOICES}
+    failed = {}
+    try:
+        for e in CHOICES:
+            try:
+                for _ in range(warmup):
+                    one_pass(e)
+            except torch.cuda.OutOfMemoryError as exc:
+                failed[e] = exc
+                _free(x.device)
+        for _ in range(runs):
+            for e in CHOICES:
+                if e in failed:
+                    continue
+                try:
+                    samples[e].append(float(timer(lambda: one_pass(e), e)))
+                except torch.cuda.OutOfMemoryError as exc:
+                    failed[e] = exc
+                    _free(x.device)
+    finally:
+        with torch.no_grad():
+            for name, b in engine.named_buffers():
+                b.copy_(saved[name])
+    if len(failed) == len(CHOICES):
+        raise failed[CHOICES[0]]
+    return {e: (math.inf if e in failed or not samples[e] else statistics.median(samples[e])) for e in CHOICES}
+
+
+def _wall_timer(device):
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+    def timer(run, executor):
+        sync()
+        t0 = time.perf_counter()
+        run()
+        sync()
+        return time.perf_counter() - t0
+
+    return timer
+
+
+def _free(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------- records
+def decisions() -> list:
+    """Every shape's latest ``Decision`` (env, table, probe or fallback), oldest first."""
+    return list(_LAST.values())
+
+
+def explain() -> str:
+    """What ``executor="auto"`` picked so far, per shape, and why."""
+    if not _LAST:
+        return "fastmoe_adv.autotune: no executor='auto' decision yet"
+    return "\n".join(d.describe() for d in _LAST.values())
+
+
+def clear() -> None:
+    """Forget the probe cache and the records (the next use of each shape probes again)."""
+    with _LOCK:
+        _PROBED.clear()
+        _LAST.clear()
+
+
+# ----------------------------------------------------------------------------- helpers
+def _pass_kind(engine, x) -> str:
+    if not torch.is_grad_enabled():
+        return "fwd"
+    if x.requires_grad:
+        return "bwd-input"
+    if any(p.requires_grad for p in engine.parameters()):
+        return "bwd-params"
+    return "fwd"
+
+
+def _order(t: torch.Tensor) -> str:
+    """The memory layout as the dims ordered by decreasing stride ("0123" = contiguous NCHW,
+    "0231" = channels_last)."""
+    dims = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+    return "".join(str(d) for d in dims)
+
+
+def _device_name(device) -> str:
+    if device.type != "cuda":
+        return device.type
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _DEVICE_NAMES:
+        _DEVICE_NAMES[idx] = torch.cuda.get_device_name(idx)
+    return _DEVICE_NAMES[idx]
+
+
+def _autocast_state(device_type) -> str:
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return "off"
+        return str(torch.get_autocast_dtype(device_type)).replace("torch.", "")
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cuda":
+            return str(torch.get_autocast_gpu_dtype()).replace("torch.", "") if torch.is_autocast_enabled() else "off"
+        return "off"
+
+
+def _key(engine, x) -> tuple:
+    shared = x.dim() == 4
+    active = engine.num_experts if shared else x.shape[1]
+    h, w = x.shape[-2], x.shape[-1]
+    cudnn = bool(torch.backends.cudnn.benchmark) if x.device.type == "cuda" else None
+    return (_device_name(x.device), engine.num_experts, active, shared, engine.width, x.shape[0], h, w,
+            str(x.dtype).replace("torch.", ""), _order(x), _order(engine.conv1.weight), _autocast_state(x.device.type),
+            bool(engine.training), _pass_kind(engine, x), cudnn)
+
+
+def _is_compiling() -> bool:
+    fn = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(fn()) if fn is not None else False
+
+
+def _capturing(x) -> bool:
+    return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _fmt_s(seconds) -> str:
+    return "failed (out of memory)" if math.isinf(seconds) else f"{seconds * 1e3:.3f} ms"

@@ -1,0 +1,203 @@
+"""Helpers for the benchmarks: sizes, devices, timing, and what every row records.
+
+Environment (read here):
+- ``FASTMOE_BENCH_QUICK=1``: smoke mode (width 4, batch 4, one round), for CI.
+- ``FASTMOE_BENCH_DEVICE=cpu|cuda|all`` (default all): which device's rows run; rows of a
+  device that is absent are skipped.
+- ``FASTMOE_BENCH_COMPILE=0|1|all``: the ``torch.compile`` rows (default 1, 0 in quick mode;
+  1 skips the CPU forward+backward compile, which alone takes minutes).
+"""
+import contextlib
+import os
+import platform
+import statistics
+import time
+
+import pytest
+import torch
+
+QUICK = os.environ.get("FASTMOE_BENCH_QUICK", "0") == "1"
+DEVICES = os.environ.get("FASTMOE_BENCH_DEVICE", "all").lower()
+# "0": no torch.compile rows; "1": forward on CPU, forward and forward+backward on CUDA;
+# "all": forward+backward on CPU too (about 400 s of compile on 2 cores).
+COMPILE = os.environ.get("FASTMOE_BENCH_COMPILE", "0" if QUICK else "1").lower()
+
+# One expert's forward FLOPs for one 32x32 image at width 64 (the real CIFAR ResNet-18);
+# FLOPs scale with width^2 and with H*W. A backward costs about twice the forward.
+GFLOP_PER_IMAGE_W64 = 1.11
+BACKWARD_FACTOR = 2.0
+
+
+# Backward w.r.t. the input only (an attack step): the data gradients, about one forward.
+INPUT_BACKWARD_FACTOR = 1.0
+_PASS_FACTOR = {"fwd": 1.0, "fwd+bwd": 1.0 + BACKWARD_FACTOR, "fwd+bwd-input": 1.0 + INPUT_BACKWARD_FACTOR}
+
+
+def expert_flops(width, height=32, width_px=32, images=1, experts=1, passes="fwd"):
+    """FLOPs of ``experts`` ResNet-18 experts on ``images`` images; ``passes`` is "fwd",
+    "fwd+bwd" (parameter and input gradients) or "fwd+bwd-input" (input gradient only)."""
+    fwd = GFLOP_PER_IMAGE_W64 * 1e9 * (width / 64) ** 2 * (height * width_px / 1024)
+    factor = _PASS_FACTOR[passes]
+    return fwd * factor * images * experts
+
+
+# ----------------------------------------------------------------------------- devices
+def cuda_ok() -> bool:
+    return torch.cuda.is_available()
+
+
+def want(device: str) -> bool:
+    return DEVICES in ("all", device)
+
+
+def skip_unless_device(device: str):
+    """pytest.skip unless rows for ``device`` are wanted and the device exists."""
+    if not want(device):
+        pytest.skip(f"FASTMOE_BENCH_DEVICE={DEVICES}: {device} rows not requested")
+    if device == "cuda" and not cuda_ok():
+        pytest.skip("no CUDA device")
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
+
+
+def versions() -> dict:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception as exc:  # noqa: BLE001 (a broken triton is still worth reporting)
+        triton_version = f"unavailable ({type(exc).__name__})"
+    return {"torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda_ok() else None}
+
+
+def sync(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- timing
+def rounds(full: int, quick: int = 1) -> int:
+    return quick if QUICK else full
+
+
+def run(benchmark, fn, *, device, group, path, images, flops=None, rounds_full=3, warmup=1, reference=False,
+        **info):
+    """Time ``fn`` with ``benchmark.pedantic`` (one call per round; on CUDA the call ends with a
+    synchronize) and record the row's extra_info: path, device, versions, images/s and, given
+    ``flops`` per call, the achieved TFLOP/s."""
+    benchmark.group = group
+
+    def timed():
+        out = fn()
+        sync(device)
+        return out
+
+    n_rounds = rounds(rounds_full, 1 if rounds_full <= 3 else 2)
+    result = benchmark.pedantic(timed, rounds=n_rounds, iterations=1, warmup_rounds=0 if QUICK else warmup)
+    median = benchmark.stats.stats.median
+    extra = benchmark.extra_info
+    extra.update(path=path, device=device, device_name=device_name(device), images_per_call=images,
+                 images_per_s=images / median if median > 0 else None, reference=bool(reference),
+                 quick=QUICK, threads=torch.get_num_threads(), **versions())
+    if device == "cuda":  # fp32 convolutions/matmuls may run as TF32: say which
+        extra.update(tf32_cudnn=torch.backends.cudnn.allow_tf32, tf32_matmul=torch.backends.cuda.matmul.allow_tf32,
+                     cudnn_benchmark=torch.backends.cudnn.benchmark)
+    if flops is not None:
+        extra["tflops"] = flops / median / 1e12 if median > 0 else None
+        extra["flops_per_call"] = flops
+    extra.update(info)
+    return result
+
+
+@contextlib.contextmanager
+def skip_on_oom(device: str):
+    """A row that does not fit in GPU memory is skipped (with the reason), not failed."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as exc:
+        torch.cuda.empty_cache()
+        pytest.skip(f"out of GPU memory on {device_name(device)}: {str(exc).splitlines()[0]}")
+
+
+def measure_once(fn, device, reps=1):
+    """Median seconds of ``reps`` untimed-by-pytest-benchmark calls (compile warm-up, probes)."""
+    times = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- eager references
+def eager_fgsm(model, x, y, eps):
+    """Textbook FGSM in plain torch ops, eval mode (a reference twin)."""
+    was_training = model.training
+    model.eval()
+    x_req = x.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x_req), y), x_req)
+    model.train(was_training)
+    return (x + eps * grad.sign()).clamp(0, 1).detach()
+
+
+def eager_pgd(model, x, y, eps, alpha, steps):
+    """Textbook L-inf PGD with a random start in plain torch ops (``autograd.grad``, ``sign``,
+    ``clamp``), eval mode (a reference twin)."""
+    was_training = model.training
+    model.eval()
+    x_adv = (x + torch.empty_like(x).uniform_(-eps, eps)).clamp(0, 1)
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(model(x_adv), y)
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        x_adv = x_adv.detach() + alpha * grad.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    model.train(was_training)
+    return x_adv.detach()
+
+
+# ----------------------------------------------------------------------------- models
+_MODELS: dict = {}
+
+
+def models(device, width, layout="nchw", experts=9, classes=10):
+    """(ReferenceSoftMoE, FastSoftMoE) with the same weights, seeded, on ``device``, in
+    ``layout`` ("nchw" or "cl"). Cached per (device, width): both layouts stay, another size
+    evicts them (nine width-64 ResNet-18s take seconds to build). Callers set the executor, the
+    mode and whatever else they need on every use; gradients are cleared here."""
+    import fastmoe_adv as fm
+    key = (device, width, layout, experts, classes)
+    if key not in _MODELS:
+        if any(k[:2] != key[:2] or k[3:] != key[3:] for k in _MODELS):
+            _MODELS.clear()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        torch.manual_seed(0)
+        with torch.device(device):   # initialise on the device: much faster than on the host for width 64
+            ref = fm.ReferenceSoftMoE(num_experts=experts, num_classes=classes, width=width)
+            fast = fm.FastSoftMoE.from_reference(ref, backend="auto", executor="auto")
+        ref, fast = ref.to(device), fast.to(device)
+        if layout == "cl":
+            ref, fast = ref.to(memory_format=torch.channels_last), fast.to(memory_format=torch.channels_last)
+        _MODELS[key] = (ref, fast)
+    ref, fast = _MODELS[key]
+    for p in list(ref.parameters()) + list(fast.parameters()):
+        p.grad = None
+    return ref, fast
