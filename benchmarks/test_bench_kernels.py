@@ -49,11 +49,13 @@ def _skip_unless_runnable(backend):
         pytest.skip("triton rows need CUDA with compiled kernels (the interpreter is never timed)")
 
 
-def _run(benchmark, fn, group, backend, nbytes, **info):
-    """Time fn (synchronized on CUDA), then record device, versions, sizes and GB/s."""
+def _run(benchmark, fn, group, backend, nbytes, path, **info):
+    """Time fn (synchronized on CUDA), then record device, versions, sizes and GB/s. The torch
+    twin is each group's reference row; the copy row is the bandwidth yardstick."""
     benchmark.group = group
     benchmark.extra_info.update(
-        device=_device_name(), torch=torch.__version__, triton=_triton_version(), backend=backend,
+        device="cuda" if CUDA else "cpu", device_name=_device_name(), torch=torch.__version__,
+        triton=_triton_version(), backend=backend, path=path, reference=backend == "torch",
         bytes_moved=nbytes, quick=QUICK, **info,
     )
 
@@ -63,7 +65,10 @@ def _run(benchmark, fn, group, backend, nbytes, **info):
 
     for _ in range(3):  # warm up: compile / autotune caches, allocator
         timed()
-    benchmark(timed)
+    if QUICK:  # CI smoke mode: a few rounds, not pytest-benchmark's one-second budget
+        benchmark.pedantic(timed, rounds=3, iterations=1)
+    else:
+        benchmark(timed)
     stats = getattr(benchmark, "stats", None)
     median = getattr(getattr(stats, "stats", None), "median", None) if stats is not None else None
     if CUDA and median:
@@ -90,7 +95,7 @@ def test_bench_gated_mix(benchmark, B, mode, backend):
     # forward reads z, g and writes out, weights; backward reads z, g, dy and writes dz, dg
     nbytes = z.element_size() * ((bek + 2 * be + bk) + (2 * bek + 2 * be + bk))
     _run(benchmark, fwd_bwd, f"gated_mix fwd+bwd {mode} B={B} E={MIX_E} K={MIX_K}", backend, nbytes,
-         B=B, E=MIX_E, K=MIX_K, mode=mode)
+         f"gated_mix-{backend}", B=B, E=MIX_E, K=MIX_K, mode=mode)
 
 
 # ---------------------------------------------------------------- pgd_step / pgd_random_start
@@ -118,7 +123,9 @@ def test_bench_pgd_step(benchmark, shape, per_sample, backend):
     out = torch.empty_like(x_adv)
     fn = lambda: pgd_step(x_adv, grad, x_nat, alpha, eps, out=out, backend=backend)  # noqa: E731
     nbytes = 4 * x_adv.numel() * x_adv.element_size()  # read x_adv, grad, x_nat; write out
-    _run(benchmark, fn, f"pgd {_shape_str(shape)}", backend, nbytes, shape=list(shape), per_sample=per_sample)
+    kind = "per-sample" if per_sample else "scalar"
+    _run(benchmark, fn, f"pgd_step {_shape_str(shape)} {kind} eps", backend, nbytes, f"pgd_step-{backend}",
+         shape=list(shape), per_sample=per_sample)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -129,7 +136,8 @@ def test_bench_pgd_random_start(benchmark, shape, backend):
     gen = torch.Generator(device=DEV).manual_seed(0)
     fn = lambda: pgd_random_start(x_nat, 8 / 255, generator=gen, backend=backend)  # noqa: E731
     nbytes = 4 * x_nat.numel() * x_nat.element_size()  # write noise; read x_nat, noise; write out
-    _run(benchmark, fn, f"pgd {_shape_str(shape)}", backend, nbytes, shape=list(shape))
+    _run(benchmark, fn, f"pgd_random_start {_shape_str(shape)}", backend, nbytes, f"pgd_random_start-{backend}",
+         shape=list(shape))
 
 
 @pytest.mark.parametrize("shape", STEP_SHAPES, ids=_shape_str)
@@ -137,4 +145,4 @@ def test_bench_copy_bandwidth(benchmark, shape):
     """x.clone() of a step-sized tensor: the device's practical bandwidth, for reference."""
     x = torch.rand(shape, device=DEV)
     nbytes = 2 * x.numel() * x.element_size()
-    _run(benchmark, x.clone, f"pgd {_shape_str(shape)}", "copy", nbytes, shape=list(shape))
+    _run(benchmark, x.clone, f"copy {_shape_str(shape)}", "copy", nbytes, "clone", shape=list(shape))
