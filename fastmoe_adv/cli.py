@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import time
 import typing
+
+from .reporting import atomic_write_text, hardware_info, write_json
 from pathlib import Path
 
 __all__ = ["main", "build_parser", "DEMO_CONFIG", "QUICK_DEMO_CONFIG"]
@@ -183,71 +184,16 @@ def _config_from_args(args):
 
 
 # ============================================================================ reports
-def _json_safe(obj):
-    import math
-
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if hasattr(obj, "tolist"):          # tensors, numpy values
-        return _json_safe(obj.tolist())
-    if isinstance(obj, (str, int, bool)) or obj is None:
-        return obj
-    return str(obj)
-
-
-def _write_text(path: Path, text: str):
-    """Atomic: a temp file in the same folder, then os.replace (a reader never sees half a file)."""
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _write_json(path: Path, obj):
-    _write_text(path, json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n")
-
-
-def _hardware(device):
-    import platform
-
-    import torch
-
-    hw = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-          "torch_threads": torch.get_num_threads(), "device": str(device), "gpu": None}
-    try:
-        with open("/proc/cpuinfo") as f:
-            hw["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.lower().startswith("model name")),
-                             hw["cpu"])
-    except OSError:
-        pass
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        hw["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    return hw
-
-
 def _phase_report(summary: dict, out: Path, name: str, wall_s: float):
     from .train import environment_info
 
     last_eval = next((h for h in reversed(summary.get("history", [])) if h.get("event") == "eval"), None)
     rep = {k: v for k, v in summary.items() if k not in ("model", "history")}
     rep.update(wall_time_s=wall_s, last_eval=last_eval, versions=environment_info(summary.get("device")),
-               hardware=_hardware(summary.get("device") or "cpu"))
+               hardware=hardware_info(summary.get("device") or "cpu"))
     if rep.get("train_time_s") and rep.get("images_seen"):
         rep["train_images_per_s"] = rep["images_seen"] / rep["train_time_s"]
-    _write_json(out / f"{name}_report.json", rep)
+    write_json(out / f"{name}_report.json", rep)
     lines = [f"# {name} report", "", f"- checkpoint: {rep['checkpoint']}",
              f"- steps: {rep.get('global_step')}/{rep.get('total_steps')}, images seen: {rep.get('images_seen')}",
              f"- training time (excluding evaluation): {rep.get('train_time_s', 0):.1f} s; wall: {wall_s:.1f} s",
@@ -255,11 +201,11 @@ def _phase_report(summary: dict, out: Path, name: str, wall_s: float):
              f"- PGD step counts: {summary['config']['pgd_steps_set']} x steps_scale "
              f"{summary['config']['steps_scale']}"]
     if last_eval:
-        lines.append(f"- last held-out evaluation: " + ", ".join(f"{k}={v}" for k, v in last_eval.items()))
+        lines.append("- last held-out evaluation: " + ", ".join(f"{k}={v}" for k, v in last_eval.items()))
     lines += ["", "## Config", "", "```json", json.dumps(summary["config"], indent=2), "```", "",
               "## Versions and hardware", ""]
     lines += [f"- {k}: {v}" for k, v in {**rep["versions"], **rep["hardware"]}.items()]
-    _write_text(out / f"{name}_report.md", "\n".join(lines) + "\n")
+    atomic_write_text(out / f"{name}_report.md", "\n".join(lines) + "\n")
 
 
 def _pct(v):
@@ -451,9 +397,9 @@ def _cmd_demo(args):
         "config": cfg.to_dict(),
         "checkpoints": {"phase1": s1["checkpoint"], "phase2": s2["checkpoint"], "last": str(out / "last.pt")},
         "versions": tr.environment_info(s2.get("device")),
-        "hardware": _hardware(s2.get("device") or "cpu"),
+        "hardware": hardware_info(s2.get("device") or "cpu"),
     }
-    _write_json(out / "report.json", report)
+    write_json(out / "report.json", report)
     md = ["# fastmoe_adv demo", "",
           f"Synthetic data, {cfg.num_experts} experts of width {cfg.width} (roles {cfg.expert_roles}), "
           f"{cfg.pretrain_epochs} pre-training epoch(s) + {cfg.train_epochs} joint epoch(s) on {cfg.train_size} "
@@ -474,7 +420,7 @@ def _cmd_demo(args):
           f"mixture eval {t_eval2:.1f} s).", "",
           "## Hardware and versions", ""]
     md += [f"- {k}: {v}" for k, v in {**report["versions"], **report["hardware"]}.items()]
-    _write_text(out / "report.md", "\n".join(md) + "\n")
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     print()
     print(table)
     print()

@@ -75,7 +75,7 @@ def setup(device: str | torch.device | None = "auto", timeout_s: float = 600.0) 
     world = env_world_size()
     if world <= 1:
         return DistInfo(device=resolve_device(device))
-    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
     dev = resolve_device(device, local_rank)
     started = False
     if not is_initialized():

@@ -25,14 +25,12 @@ report, and ``report["sanity"]["all_passed"] = False``. "Noise" below is
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import json
 import math
 import os
 import platform
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -43,6 +41,7 @@ import torch.nn.functional as F
 from . import attacks as _attacks
 from .attacks import ATTACK_KINDS, eval_mode
 from .moe import FastSoftMoE, MoEOutput, ReferenceSoftMoE
+from .reporting import atomic_write_text, hardware_info, json_safe
 
 __all__ = ["robustness", "write_report", "AttackSpec", "default_attacks", "GradientMaskingWarning",
            "SANITY_THRESHOLDS", "DEFAULT_EPS_CURVE"]
@@ -397,25 +396,6 @@ def _versions():
             "fastmoe_adv": fastmoe_adv.__version__}
 
 
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _hardware(device):
-    hw = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-          "platform": platform.platform(), "device": str(device), "gpu": None}
-    if device.type == "cuda":
-        hw["gpu"] = torch.cuda.get_device_name(device)
-    return hw
-
-
 # ----------------------------------------------------------------------------- entry point
 def robustness(model, images, labels, attacks=None, batch_size=256, device=None, eps_curve=DEFAULT_EPS_CURVE,
                curve_attack="pgd", curve_steps=10, restarts=1, seed=0, progress=True, sanity=True) -> dict:
@@ -495,7 +475,7 @@ def robustness(model, images, labels, attacks=None, batch_size=256, device=None,
                      "dtype": str(dtype).replace("torch.", ""), "eps_curve": eps_curve, "curve_attack": curve_attack,
                      "curve_steps": curve_steps, "restarts": restarts, "seed": seed, "sanity": sanity},
         "versions": _versions(),
-        "hardware": _hardware(device),
+        "hardware": hardware_info(device),
         "timestamp": started.isoformat(timespec="seconds"),
     }
     if sanity and not checks["all_passed"]:
@@ -609,37 +589,6 @@ def _markdown(report) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return _json_safe(obj.tolist())
-    if isinstance(obj, (torch.device, torch.dtype, os.PathLike)):
-        return str(obj)
-    if hasattr(obj, "item") and callable(obj.item):  # numpy scalars
-        return _json_safe(obj.item())
-    return obj
-
-
-def _atomic_write(path, text):
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def write_report(report: dict, out_dir, name: str = "report") -> tuple:
     """Write ``report`` as ``<out_dir>/<name>.json`` and ``<out_dir>/<name>.md`` (atomic writes:
     a temp file then ``os.replace``). Returns ``(json_path, md_path)``."""
@@ -651,6 +600,6 @@ def write_report(report: dict, out_dir, name: str = "report") -> tuple:
     os.makedirs(out_dir, exist_ok=True)
     json_path = os.path.join(out_dir, f"{name}.json")
     md_path = os.path.join(out_dir, f"{name}.md")
-    _atomic_write(json_path, json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
-    _atomic_write(md_path, _markdown(report))
+    atomic_write_text(json_path, json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(md_path, _markdown(report))
     return json_path, md_path

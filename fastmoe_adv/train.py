@@ -516,9 +516,10 @@ def mixture_robustness(model: FastSoftMoE, images, labels, pgd_eps=8 / 255, pgd_
 # ============================================================================ environment
 def environment_info(device=None) -> dict:
     """Versions and hardware, for reports."""
+    from .reporting import cpu_model
     import numpy
     info = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-            "platform": platform.platform(), "cpu": platform.processor() or platform.machine(),
+            "platform": platform.platform(), "cpu": cpu_model(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda_available": torch.cuda.is_available()}
     try:

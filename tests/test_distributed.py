@@ -138,7 +138,6 @@ def _reference_phase1():
 
 
 def _reference_phase2():
-    from fastmoe_adv import train as tr
     x, y = _global_batch()
     cfg = _tiny_cfg()
     model = _tiny_moe()
