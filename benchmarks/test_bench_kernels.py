@@ -10,10 +10,10 @@ the achieved bandwidth (bytes the op must move at minimum / median time) in extr
 to a measured copy bandwidth (x.clone()) of the same tensor for reference.
 """
 import os
-import platform
 
 import pytest
 import torch
+from bench_utils import device_name
 
 from fastmoe_adv.kernels import dispatch, gated_mix, pgd_random_start, pgd_step
 
@@ -30,7 +30,7 @@ BACKENDS = ("torch", "triton")
 
 
 def _device_name():
-    return torch.cuda.get_device_name(DEV) if CUDA else (platform.processor() or platform.machine() or "cpu")
+    return device_name("cuda" if CUDA else "cpu")
 
 
 def _triton_version():
