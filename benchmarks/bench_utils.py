@@ -16,6 +16,8 @@ import time
 import pytest
 import torch
 
+from fastmoe_adv.reporting import cpu_model  # noqa: F401  (re-exported for the benchmark files)
+
 QUICK = os.environ.get("FASTMOE_BENCH_QUICK", "0") == "1"
 DEVICES = os.environ.get("FASTMOE_BENCH_DEVICE", "all").lower()
 # "0": no torch.compile rows; "1": forward on CPU, forward and forward+backward on CUDA;
@@ -56,17 +58,6 @@ def skip_unless_device(device: str):
         pytest.skip(f"FASTMOE_BENCH_DEVICE={DEVICES}: {device} rows not requested")
     if device == "cuda" and not cuda_ok():
         pytest.skip("no CUDA device")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def device_name(device: str) -> str:

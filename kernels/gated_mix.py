@@ -40,6 +40,33 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
+    def _gate_softmax(g_ptr, offs_b, offs_e, mask_be, mask_e, E, inv_temp, ACC: tl.constexpr):
+        """Gate softmax over E for a [BLOCK_B, BLOCK_E] tile: (scaled logits, row max, row sum,
+        weights). Padded experts get -inf; padded rows stay finite (loaded as 0)."""
+        g = tl.load(g_ptr + offs_b[:, None] * E + offs_e[None, :], mask=mask_be, other=0.0).to(ACC)
+        g = tl.where(mask_e[None, :], g * inv_temp, float("-inf"))
+        g_max = tl.max(g, axis=1)
+        g_exp = tl.exp(g - g_max[:, None])
+        g_sum = tl.sum(g_exp, axis=1)
+        return g, g_max, g_sum, g_exp / g_sum[:, None]
+
+    @triton.jit
+    def _expert_lse(z_rows, mask_z_be, K, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+        """logsumexp over K of every expert's logits, online over BLOCK_K chunks -> [BLOCK_B, BLOCK_E]."""
+        m = tl.full([BLOCK_B, BLOCK_E], float("-inf"), ACC)
+        s = tl.zeros([BLOCK_B, BLOCK_E], ACC)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            z = tl.load(z_rows + offs_k[None, None, :], mask=mask_z_be & mask_k[None, None, :], other=0.0)
+            z = tl.where(mask_k[None, None, :], z.to(ACC), float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=2))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, :, None]), axis=2)
+            m = m_new
+        return m + tl.log(s)
+
+    @triton.jit
     def _gated_mix_fwd_kernel(
         z_ptr,  # expert logits [B, E, K], contiguous
         g_ptr,  # gate logits [B, E], contiguous
@@ -62,13 +89,7 @@ if triton_available():
         mask_e = offs_e < E
         mask_be = mask_b[:, None] & mask_e[None, :]
 
-        # Gate softmax over E; padded experts get -inf, padded rows stay finite (loaded as 0).
-        g = tl.load(g_ptr + offs_b[:, None] * E + offs_e[None, :], mask=mask_be, other=0.0).to(ACC)
-        g = tl.where(mask_e[None, :], g * inv_temp, float("-inf"))
-        g_max = tl.max(g, axis=1)
-        g_exp = tl.exp(g - g_max[:, None])
-        g_sum = tl.sum(g_exp, axis=1)
-        w = g_exp / g_sum[:, None]
+        g, g_max, g_sum, w = _gate_softmax(g_ptr, offs_b, offs_e, mask_be, mask_e, E, inv_temp, ACC)
         tl.store(w_ptr + offs_b[:, None] * E + offs_e[None, :], w.to(w_ptr.dtype.element_ty), mask=mask_be)
 
         z_rows = z_ptr + offs_b[:, None, None] * E * K + offs_e[None, :, None] * K  # [BB, BE, 1]
@@ -84,17 +105,7 @@ if triton_available():
         else:
             log_w = (g - g_max[:, None]) - tl.log(g_sum)[:, None]  # -inf on padded experts
             # Pass 1: lse_z[b, e] = logsumexp_k z[b, e, k], online over K chunks.
-            m = tl.full([BLOCK_B, BLOCK_E], float("-inf"), ACC)
-            s = tl.zeros([BLOCK_B, BLOCK_E], ACC)
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < K
-                z = tl.load(z_rows + offs_k[None, None, :], mask=mask_z_be & mask_k[None, None, :], other=0.0)
-                z = tl.where(mask_k[None, None, :], z.to(ACC), float("-inf"))
-                m_new = tl.maximum(m, tl.max(z, axis=2))
-                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, :, None]), axis=2)
-                m = m_new
-            lse_z = m + tl.log(s)
+            lse_z = _expert_lse(z_rows, mask_z_be, K, ACC, BLOCK_B, BLOCK_E, BLOCK_K)
             # Pass 2: out[b, k] = logsumexp_e(log w + z - lse_z).
             for k0 in range(0, K, BLOCK_K):
                 offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -143,12 +154,7 @@ if triton_available():
         mask_be = mask_b[:, None] & mask_e[None, :]
         offs_be = offs_b[:, None] * E + offs_e[None, :]
 
-        g = tl.load(g_ptr + offs_be, mask=mask_be, other=0.0).to(ACC)
-        g = tl.where(mask_e[None, :], g * inv_temp, float("-inf"))
-        g_max = tl.max(g, axis=1)
-        g_exp = tl.exp(g - g_max[:, None])
-        g_sum = tl.sum(g_exp, axis=1)
-        w = g_exp / g_sum[:, None]
+        g, g_max, g_sum, w = _gate_softmax(g_ptr, offs_b, offs_e, mask_be, mask_e, E, inv_temp, ACC)
 
         z_rows = z_ptr + offs_b[:, None, None] * E * K + offs_e[None, :, None] * K
         dz_rows = dz_ptr + offs_b[:, None, None] * E * K + offs_e[None, :, None] * K
@@ -169,17 +175,7 @@ if triton_available():
         else:
             log_w = (g - g_max[:, None]) - tl.log(g_sum)[:, None]
             # Pass 1: lse_z[b, e] over K (online).
-            m = tl.full([BLOCK_B, BLOCK_E], float("-inf"), ACC)
-            s = tl.zeros([BLOCK_B, BLOCK_E], ACC)
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < K
-                z = tl.load(z_rows + offs_k[None, None, :], mask=mask_z_be & mask_k[None, None, :], other=0.0)
-                z = tl.where(mask_k[None, None, :], z.to(ACC), float("-inf"))
-                m_new = tl.maximum(m, tl.max(z, axis=2))
-                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, :, None]), axis=2)
-                m = m_new
-            lse_z = m + tl.log(s)
+            lse_z = _expert_lse(z_rows, mask_z_be, K, ACC, BLOCK_B, BLOCK_E, BLOCK_K)
             # Pass 2: u[b, e] = s[b, e] = sum_k dy r.
             u = tl.zeros([BLOCK_B, BLOCK_E], ACC)
             for k0 in range(0, K, BLOCK_K):
