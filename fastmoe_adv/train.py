@@ -796,6 +796,12 @@ class _Run:
                      f"{self.streams.steps_per_epoch} (global step {self.global_step}/{self.total_steps})")
 
     # -------------------------------------------------------------- logging/eval
+    def record_start(self, resume: bool):
+        if self.main:
+            self.record({"event": "start", "resume": resume, "world_size": self.dist.world_size,
+                         "device": str(self.device), "total_steps": self.total_steps,
+                         "pgd_steps": self.cfg.pgd_steps_scaled, "steps_scale": self.cfg.steps_scale})
+
     def record(self, rec: dict):
         rec = {"phase": self.phase, "epoch": self.epoch, "global_step": self.global_step, **rec}
         self.history.append(rec)
@@ -957,10 +963,7 @@ def pretrain(cfg: TrainConfig, out_dir, resume: bool = False, progress: bool = T
         run.setup_state(model, model.experts.parameters(), streams)   # the gate is not trained in phase 1
         run.resume_from(payload)
         net = _wrap_ddp(_ExpertsNet(model), run.dist)
-        if run.main:
-            run.record({"event": "start", "resume": resume, "world_size": run.dist.world_size,
-                        "device": str(run.device), "total_steps": run.total_steps,
-                        "pgd_steps": cfg.pgd_steps_scaled, "steps_scale": cfg.steps_scale})
+        run.record_start(resume)
 
         def step_fn(x, y):
             plan = draw_phase1_plan(roles, cfg, run.choice_gen, cfg.eps_ramp(run.global_step, run.total_steps))
@@ -1004,10 +1007,7 @@ def train(cfg: TrainConfig, out_dir, init=None, resume: bool = False, progress: 
         run.setup_state(model, model.parameters(), streams)
         run.resume_from(payload)
         net = _wrap_ddp(model, run.dist)
-        if run.main:
-            run.record({"event": "start", "resume": resume, "world_size": run.dist.world_size,
-                        "device": str(run.device), "total_steps": run.total_steps,
-                        "pgd_steps": cfg.pgd_steps_scaled, "steps_scale": cfg.steps_scale})
+        run.record_start(resume)
 
         def step_fn(x, y):
             attack = draw_phase2_attack(cfg, run.choice_gen, cfg.eps_ramp(run.global_step, run.total_steps))
