@@ -229,7 +229,7 @@ def _cifar_missing(root: Path, split: str, note: str = "") -> FileNotFoundError:
         f"CIFAR-10 {split} split not found: expected {files} in {root / _CIFAR_DIR} (or the archive "
         f"{root / _CIFAR_ARCHIVE}). Get the \"CIFAR-10 python version\" from {_CIFAR_URL} and put "
         f"{_CIFAR_ARCHIVE} (or its extracted {_CIFAR_DIR}/ folder) in {root}, or pass download=True "
-        f"with torchvision installed.{note}")
+        f"(CLI: --download) with torchvision installed.{note}")
 
 
 def _load_cifar10(root: Path, split: str, download: bool):
@@ -283,7 +283,7 @@ def _load_svhn(root: Path, split: str, download: bool):
         raise FileNotFoundError(
             f"SVHN {split} split not found: expected {_SVHN_FILES[split]} in {root}. Get the cropped digits "
             f"(Format 2: {', '.join(_SVHN_FILES.values())}) from {_SVHN_URL} and put them in {root}, or pass "
-            f"download=True with torchvision installed.{_download_note(download)}")
+            f"download=True (CLI: --download) with torchvision installed.{_download_note(download)}")
     try:
         import scipy.io
     except ImportError:
