@@ -44,6 +44,14 @@ if triton_available():
     import triton.language as tl
 
     @triton.jit
+    def _per_group(ptr, scalar, inner, offs, mask, PER_GROUP: tl.constexpr):
+        """The value (alpha or eps) of each element: one per group of ``inner`` elements, or a scalar."""
+        if PER_GROUP:
+            return tl.load(ptr + offs // inner, mask=mask, other=0.0)
+        else:
+            return scalar
+
+    @triton.jit
     def _pgd_step_kernel(
         x_ptr,  # x_adv, flat [N]
         g_ptr,  # grad, flat [N]
@@ -68,14 +76,8 @@ if triton_available():
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         xn = tl.load(xn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        if ALPHA_PER_GROUP:
-            a = tl.load(alpha_ptr + offs // alpha_inner, mask=mask, other=0.0)
-        else:
-            a = alpha
-        if EPS_PER_GROUP:
-            e = tl.load(eps_ptr + offs // eps_inner, mask=mask, other=0.0)
-        else:
-            e = eps
+        a = _per_group(alpha_ptr, alpha, alpha_inner, offs, mask, ALPHA_PER_GROUP)
+        e = _per_group(eps_ptr, eps, eps_inner, offs, mask, EPS_PER_GROUP)
         sign = tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0))
         x = x + a * sign
         x = tl.minimum(tl.maximum(x, xn - e), xn + e)
@@ -101,10 +103,7 @@ if triton_available():
         mask = offs < N
         xn = tl.load(xn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + offs, mask=mask, other=0.0)
-        if EPS_PER_GROUP:
-            e = tl.load(eps_ptr + offs // eps_inner, mask=mask, other=0.0)
-        else:
-            e = eps
+        e = _per_group(eps_ptr, eps, eps_inner, offs, mask, EPS_PER_GROUP)
         x = xn + (u * 2.0 - 1.0) * e
         x = tl.minimum(tl.maximum(x, lo), hi)
         tl.store(out_ptr + offs, x.to(out_ptr.dtype.element_ty), mask=mask)

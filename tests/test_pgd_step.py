@@ -5,11 +5,9 @@ bf16 is compared to within one bf16 ulp: the interpreter converts fp32 -> bf16 b
 truncation, where CUDA (and torch) round to nearest even.
 """
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
+from helpers import assert_kernels_compile_for_sm90
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -370,12 +368,4 @@ def test_backend_auto_falls_back_without_interpreter(monkeypatch):
 # ---------------------------------------------------------------- real compiler
 
 def test_kernels_compile_for_sm90(tmp_path):
-    """The interpreter accepts constructs the CUDA compiler rejects: compile for sm_90 (no GPU needed)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    cmd = [sys.executable, "-W", "ignore", "-m", "fastmoe_adv.kernels.aot_check", "pgd_step",
-           "--quick", "--dtypes", "fp32"]
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if r.returncode == 77:
-        pytest.skip(r.stdout.strip())
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert_kernels_compile_for_sm90("pgd_step", tmp_path)
