@@ -11,8 +11,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-from bench_utils import cpu_model, cuda_ok, versions, QUICK  # noqa: E402
+from bench_utils import QUICK, cpu_model, cuda_ok, versions  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- hooks

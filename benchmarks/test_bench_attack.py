@@ -14,7 +14,6 @@ import importlib
 
 import pytest
 import torch
-
 from bench_utils import QUICK, eager_pgd, expert_flops, models, run, skip_on_oom, skip_unless_device
 
 E, K, HW = 9, 10, 32

@@ -23,9 +23,18 @@ import copy
 
 import pytest
 import torch
-
-from bench_utils import (COMPILE, QUICK, cuda_ok, device_name, expert_flops, measure_once, models, run,
-                         skip_on_oom, skip_unless_device)
+from bench_utils import (
+    COMPILE,
+    QUICK,
+    cuda_ok,
+    device_name,
+    expert_flops,
+    measure_once,
+    models,
+    run,
+    skip_on_oom,
+    skip_unless_device,
+)
 
 E, K, HW = 9, 10, 32
 
@@ -133,7 +142,7 @@ def test_experts(benchmark, cfg, passes, path, layout):
     skip_unless_device(device)
     if path == "compile":
         if COMPILE not in ("1", "all"):
-            pytest.skip("torch.compile rows off (FASTMOE_BENCH_COMPILE=0, the default in quick mode: minutes per graph)")
+            pytest.skip("torch.compile rows off (FASTMOE_BENCH_COMPILE=0, the quick-mode default: minutes per graph)")
         if device == "cpu" and passes == "fwd+bwd" and COMPILE != "all":
             pytest.skip("torch.compile of forward+backward on CPU: about 400 s of compile on 2 cores (measured), "
                         "over the 10-minute budget of the CPU run; FASTMOE_BENCH_COMPILE=all runs it")

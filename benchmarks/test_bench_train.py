@@ -24,7 +24,6 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from bench_utils import QUICK, eager_fgsm, eager_pgd, expert_flops, models, run, skip_on_oom, skip_unless_device
 
 E, K, HW = 9, 10, 32

@@ -19,9 +19,9 @@ import json
 import sys
 import time
 import typing
+from pathlib import Path
 
 from .reporting import atomic_write_text, hardware_info, write_json
-from pathlib import Path
 
 __all__ = ["main", "build_parser", "DEMO_CONFIG", "QUICK_DEMO_CONFIG"]
 

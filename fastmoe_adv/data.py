@@ -135,7 +135,7 @@ def load_dataset(name: str, root=None, split: str = "train", download: bool = Fa
 # --------------------------------------------------------------------------------- CIFAR-10
 def _numpy_reconstruct():
     try:
-        from numpy._core.multiarray import _reconstruct   # numpy >= 2
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
     except ImportError:                                   # numpy 1.x
         from numpy.core.multiarray import _reconstruct
     return _reconstruct

@@ -56,8 +56,8 @@ from . import attacks
 from . import checkpoint as ckpt
 from . import data as data_mod
 from . import distributed as distd
-from .moe import BACKENDS, MIX_MODES, ROLES, FastSoftMoE, default_roles
 from .grouped import EXECUTORS
+from .moe import BACKENDS, MIX_MODES, ROLES, FastSoftMoE, default_roles
 
 __all__ = ["TrainConfig", "TrainingInterrupted", "LRSchedule", "build_model", "load_model", "pretrain", "train",
            "phase1_step", "phase2_step", "draw_phase1_plan", "draw_phase2_attack", "Phase2Attack",
@@ -516,8 +516,9 @@ def mixture_robustness(model: FastSoftMoE, images, labels, pgd_eps=8 / 255, pgd_
 # ============================================================================ environment
 def environment_info(device=None) -> dict:
     """Versions and hardware, for reports."""
-    from .reporting import cpu_model
     import numpy
+
+    from .reporting import cpu_model
     info = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
             "platform": platform.platform(), "cpu": cpu_model(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -606,7 +607,7 @@ class _Streams:
 
     def __init__(self, loaders, stack: bool):
         self.loaders, self.stack = list(loaders), stack
-        lengths = {len(l) for l in self.loaders}
+        lengths = {len(loader) for loader in self.loaders}
         if len(lengths) != 1:
             raise ValueError(f"the expert streams must have the same number of batches, got {sorted(lengths)}")
         self.steps_per_epoch = lengths.pop()
@@ -619,13 +620,13 @@ class _Streams:
                 yield batches[0]
 
     def state_dict(self):
-        return [l.state_dict() for l in self.loaders]
+        return [loader.state_dict() for loader in self.loaders]
 
     def load_state_dict(self, states):
         if len(states) != len(self.loaders):
             raise ValueError(f"checkpoint has {len(states)} loader states, expected {len(self.loaders)}")
-        for l, s in zip(self.loaders, states):
-            l.load_state_dict(s)
+        for loader, s in zip(self.loaders, states):
+            loader.load_state_dict(s)
 
 
 def _stream_seed(seed: int, phase: int, stream: int) -> int:

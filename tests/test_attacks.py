@@ -4,12 +4,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import randomize_
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastmoe_adv as fm
 from fastmoe_adv import attacks as A
-from helpers import randomize_
 
 EXACT = dict(atol=1e-6, rtol=0)  # the fused step does the reference's fp32 ops: equal up to rounding
 

@@ -12,8 +12,15 @@ import pytest
 import torch
 
 from fastmoe_adv import checkpoint as ckpt
-from fastmoe_adv.checkpoint import (UnsafeCheckpointError, capture_rng_state, latest_checkpoint, load_checkpoint,
-                                    restore_rng_state, save_checkpoint, to_plain)
+from fastmoe_adv.checkpoint import (
+    UnsafeCheckpointError,
+    capture_rng_state,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    to_plain,
+)
 
 
 def _model_and_optimizer():

@@ -12,8 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastmoe_adv.data import (DATASET_INFO, DeviceLoader, UnsafePickleError, augment, load_dataset,
-                              make_synthetic)
+from fastmoe_adv.data import DATASET_INFO, DeviceLoader, UnsafePickleError, augment, load_dataset, make_synthetic
 
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 

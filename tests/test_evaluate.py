@@ -7,10 +7,10 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+from helpers import randomize_
 
 import fastmoe_adv as fm
 from fastmoe_adv import evaluate as ev
-from helpers import randomize_
 
 SIZE = 8
 FAST = dict(batch_size=8, eps_curve=(0, 2 / 255, 8 / 255), curve_steps=3, progress=False)

@@ -8,12 +8,11 @@ and the dispatcher.
 import importlib
 
 import pytest
-from helpers import assert_kernels_compile_for_sm90
 import torch
+from helpers import assert_kernels_compile_for_sm90
 
 import fastmoe_adv.kernels as K
-from fastmoe_adv.kernels import dispatch
-from fastmoe_adv.kernels import gated_mix, gated_mix_torch, use_triton
+from fastmoe_adv.kernels import dispatch, gated_mix, gated_mix_torch, use_triton
 
 gm_mod = importlib.import_module("fastmoe_adv.kernels.gated_mix")  # the module, not the function
 

@@ -1,9 +1,9 @@
 """GroupedResNet18: pack/unpack, per-expert inputs, subsets on views, both executors, errors."""
 import pytest
 import torch
+from helpers import grouped_grads_per_expert, randomize_, rel_err
 
 import fastmoe_adv as fm
-from helpers import grouped_grads_per_expert, randomize_, rel_err
 
 TOL = 1e-5
 EXECUTORS = ["grouped", "loop"]

@@ -1,9 +1,9 @@
 """FastSoftMoE against its reference twin: outputs, input and parameter gradients, BN stats."""
 import pytest
 import torch
+from helpers import grouped_grads_per_expert, random_reference, randomize_, rel_err
 
 import fastmoe_adv as fm
-from helpers import grouped_grads_per_expert, random_reference, randomize_, rel_err
 
 TOL = 1e-5
 

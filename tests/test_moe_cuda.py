@@ -1,9 +1,9 @@
 """FastSoftMoE on a GPU: fp32 against the reference twin, bf16 autocast against fp32."""
 import pytest
 import torch
+from helpers import grouped_grads_per_expert, random_reference, rel_err
 
 import fastmoe_adv as fm
-from helpers import grouped_grads_per_expert, random_reference, rel_err
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

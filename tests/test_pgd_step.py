@@ -7,8 +7,8 @@ truncation, where CUDA (and torch) round to nearest even.
 import importlib
 
 import pytest
-from helpers import assert_kernels_compile_for_sm90
 import torch
+from helpers import assert_kernels_compile_for_sm90
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
