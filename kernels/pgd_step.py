@@ -14,8 +14,13 @@ is broadcast over the remaining dims. sign(0) = 0, like torch.sign.
 
 The arithmetic is done in fp32 (fp64 for fp64 inputs, on the torch backend) and rounded
 once to the input dtype, on both backends, so the Triton kernels and the torch twins agree
-bit for bit on CPU (interpreter). Known difference: a NaN in grad gives sign 0 (no step) in
-the Triton kernel and NaN in the twin.
+bit for bit on CPU (interpreter).
+
+Validation: by default every call checks its arguments, which costs host-device syncs (an
+alpha/eps tensor's entries, a NaN in grad). A NaN gradient is refused there (ValueError naming
+``grad``): a step along an undefined direction would silently stall or poison the attack.
+Attack loops check alpha/eps once and then call with ``validate=False``: no checks, no syncs;
+a NaN grad entry then gives sign 0 (no step for that element) on both backends.
 """
 import math
 
@@ -186,7 +191,17 @@ def _check_step(x_adv, grad, x_nat, alpha, eps, lo, hi, out):
     alpha = _check_bound("alpha", alpha, x_adv)
     eps = _check_bound("eps", eps, x_adv)
     lo, hi = _check_box(lo, hi)
+    if grad.numel() and bool(grad.detach().isnan().any()):
+        raise ValueError(f"grad: expected no NaN entries (a step needs a direction), got "
+                         f"{int(grad.detach().isnan().sum())} NaN of {grad.numel()}")
     return alpha, eps, lo, hi
+
+
+def _prevalidated(alpha, eps, lo, hi):
+    """validate=False: the caller checked alpha/eps once; only make floats floats for the launcher."""
+    alpha = float(alpha) if _is_number(alpha) else alpha.detach()
+    eps = float(eps) if _is_number(eps) else eps.detach()
+    return alpha, eps, float(lo), float(hi)
 
 
 def _triton_ok(x, backend, op):
@@ -224,7 +239,7 @@ def _write_out(result, out):
 
 
 @torch.no_grad()
-def pgd_step(x_adv, grad, x_nat, alpha, eps, lo=0.0, hi=1.0, out=None, backend="auto"):
+def pgd_step(x_adv, grad, x_nat, alpha, eps, lo=0.0, hi=1.0, out=None, backend="auto", validate=True):
     """One L-inf PGD step, fused: clamp(min(max(x_adv + alpha*sign(grad), x_nat-eps), x_nat+eps), lo, hi).
 
     Not differentiable (an update rule): runs under no_grad, returns a tensor that does not
@@ -238,12 +253,19 @@ def pgd_step(x_adv, grad, x_nat, alpha, eps, lo=0.0, hi=1.0, out=None, backend="
         lo, hi: box bounds (floats, lo <= hi).
         out: optional tensor (same shape/dtype/device) to write into; may be x_adv.
         backend: "auto" | "triton" | "torch". The Triton kernel takes fp16/bf16/fp32.
+        validate: check every argument (syncs with the device). ``False`` is for loops that
+            checked alpha/eps/shapes once: nothing is checked, nothing syncs, a NaN grad entry
+            means no step for that element.
 
     Raises:
-        ValueError on mismatched shapes/dtypes/devices, alpha/eps < 0 (any entry), lo > hi,
-        or an alpha/eps tensor whose shape is not a prefix of x's shape.
+        ValueError (validate=True) on mismatched shapes/dtypes/devices, alpha/eps < 0 (any
+        entry), lo > hi, an alpha/eps tensor whose shape is not a prefix of x's shape, or a NaN
+        in grad.
     """
-    alpha, eps, lo, hi = _check_step(x_adv, grad, x_nat, alpha, eps, lo, hi, out)
+    if validate:
+        alpha, eps, lo, hi = _check_step(x_adv, grad, x_nat, alpha, eps, lo, hi, out)
+    else:
+        alpha, eps, lo, hi = _prevalidated(alpha, eps, lo, hi)
     if not _triton_ok(x_adv, backend, "pgd_step"):
         return _pgd_step_torch(x_adv, grad, x_nat, alpha, eps, lo, hi, out)
     x = x_adv.detach().contiguous()
@@ -273,14 +295,17 @@ def pgd_step(x_adv, grad, x_nat, alpha, eps, lo=0.0, hi=1.0, out=None, backend="
     return dst
 
 
-def pgd_step_(x_adv, grad, x_nat, alpha, eps, lo=0.0, hi=1.0, backend="auto"):
+def pgd_step_(x_adv, grad, x_nat, alpha, eps, lo=0.0, hi=1.0, backend="auto", validate=True):
     """In-place ``pgd_step``: writes the step into x_adv and returns it (not differentiable)."""
-    return pgd_step(x_adv, grad, x_nat, alpha, eps, lo, hi, out=x_adv, backend=backend)
+    return pgd_step(x_adv, grad, x_nat, alpha, eps, lo, hi, out=x_adv, backend=backend, validate=validate)
 
 
-def fgsm_step(x_nat, grad, eps, lo=0.0, hi=1.0, backend="auto"):
+def fgsm_step(x_nat, grad, eps, lo=0.0, hi=1.0, backend="auto", validate=True):
     """FGSM: clamp(x_nat + eps * sign(grad), lo, hi) = pgd_step from x_nat with alpha = eps."""
-    return pgd_step(x_nat, grad, x_nat, eps, eps, lo, hi, backend=backend)
+    if validate:  # eps first, under its own name: it is also the step size, but the user passed eps
+        _check_x("x_nat", x_nat)
+        eps = _check_bound("eps", eps, x_nat)
+    return pgd_step(x_nat, grad, x_nat, eps, eps, lo, hi, backend=backend, validate=validate)
 
 
 def _pgd_step_torch(x_adv, grad, x_nat, alpha, eps, lo, hi, out):
@@ -289,7 +314,8 @@ def _pgd_step_torch(x_adv, grad, x_nat, alpha, eps, lo, hi, out):
     xn = x_nat.detach().to(acc)
     a = _broadcast(alpha, x, acc)
     e = _broadcast(eps, x, acc)
-    x = x + a * torch.sign(grad.detach().to(acc))
+    # nan_to_num: a NaN gradient entry means no step, as in the kernel (where NaN > 0 and NaN < 0 are false)
+    x = x + a * torch.sign(grad.detach().to(acc)).nan_to_num(nan=0.0)
     x = torch.minimum(torch.maximum(x, xn - e), xn + e)
     x = x.clamp(lo, hi).to(x_adv.dtype)
     return _write_out(x, out)
@@ -322,7 +348,7 @@ def _uniform(x_nat, generator):
 
 
 @torch.no_grad()
-def pgd_random_start(x_nat, eps, lo=0.0, hi=1.0, generator=None, backend="auto"):
+def pgd_random_start(x_nat, eps, lo=0.0, hi=1.0, generator=None, backend="auto", validate=True):
     """PGD random start: clamp(x_nat + U(-eps, eps), lo, hi), noise drawn with ``generator``.
 
     The uniform noise is drawn with torch.rand (reproducible from the generator's state) and
@@ -336,8 +362,12 @@ def pgd_random_start(x_nat, eps, lo=0.0, hi=1.0, generator=None, backend="auto")
         lo, hi: box bounds (floats, lo <= hi).
         generator: optional torch.Generator on x_nat's device type.
         backend: "auto" | "triton" | "torch".
+        validate: False skips the checks (for callers that checked eps once).
     """
-    eps, lo, hi = _check_start(x_nat, eps, lo, hi, generator)
+    if validate:
+        eps, lo, hi = _check_start(x_nat, eps, lo, hi, generator)
+    else:
+        _, eps, lo, hi = _prevalidated(0.0, eps, lo, hi)
     if not _triton_ok(x_nat, backend, "pgd_random_start"):
         return _pgd_random_start_torch(x_nat, eps, lo, hi, generator)
     xn = x_nat.detach().contiguous()
