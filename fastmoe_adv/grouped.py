@@ -20,11 +20,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import check_choice, check_positive_int, check_train_batch
+from .constants import EXECUTORS
 from .resnet import BLOCKS_PER_STAGE, STAGE_STRIDES, ResNet18, _check_classes, _check_width, stage_widths
 
 __all__ = ["GroupedResNet18", "GroupedConv2d", "GroupedBatchNorm2d", "GroupedLinear", "EXECUTORS"]
 
-EXECUTORS = ("grouped", "loop", "auto")
+
+def _rows(t, lo, hi, n, rows):
+    """Rows ``[lo*rows, hi*rows)`` of ``t`` (experts lo..hi-1 of n); the tensor itself when that is
+    every row, because a slice of the whole tensor still costs a zeros + copy in its backward."""
+    return t if lo == 0 and hi == n else t[lo * rows:hi * rows]
 
 
 class GroupedConv2d(nn.Module):
@@ -42,10 +48,19 @@ class GroupedConv2d(nn.Module):
         for e in range(self.num_experts):
             nn.init.kaiming_uniform_(self.weight[e * self.out_channels:(e + 1) * self.out_channels], a=5 ** 0.5)
 
-    def run(self, x, lo, hi, shared_input=False):
+    def expert_params(self, lo, hi):
+        """One ``(weight,)`` view per expert of ``[lo, hi)``. They come from one ``split``, whose
+        backward writes every expert's gradient with a single cat (a slice per expert would cost a
+        zeros + copy + accumulate each)."""
+        w = _rows(self.weight, lo, hi, self.num_experts, self.out_channels)
+        return [(v,) for v in w.split(self.out_channels)]
+
+    def forward(self, x, lo=0, hi=None, shared_input=False, params=None):
         """x: ``[B, (hi-lo)*C_in, H, W]``, or ``[B, C_in, H, W]`` seen by every expert when
-        ``shared_input``. Returns ``[B, (hi-lo)*C_out, H', W']``."""
-        w = self.weight[lo * self.out_channels:hi * self.out_channels]
+        ``shared_input``. Returns ``[B, (hi-lo)*C_out, H', W']``. ``params``: this range's
+        ``(weight,)`` (from ``expert_params``) instead of slicing the parameter."""
+        hi = self.num_experts if hi is None else hi
+        w = _rows(self.weight, lo, hi, self.num_experts, self.out_channels) if params is None else params[0]
         return F.conv2d(x, w, None, self.stride, self.padding, 1, 1 if shared_input else hi - lo)
 
     def extra_repr(self):
@@ -68,14 +83,27 @@ class GroupedBatchNorm2d(nn.Module):
         self.register_buffer("running_var", torch.ones(n))
         self.register_buffer("num_batches_tracked", torch.zeros(num_experts, dtype=torch.long))
 
-    def run(self, x, lo, hi):
-        c = self.num_features
-        s = slice(lo * c, hi * c)
+    def expert_params(self, lo, hi):
+        """One ``(weight, bias)`` pair of views per expert of ``[lo, hi)`` (see ``GroupedConv2d``)."""
+        c, n = self.num_features, self.num_experts
+        return list(zip(_rows(self.weight, lo, hi, n, c).split(c), _rows(self.bias, lo, hi, n, c).split(c)))
+
+    def count_batch(self, lo, hi):
+        """Train mode: one more batch seen by experts ``[lo, hi)``."""
         if self.training:
-            # In-place update of views of the running buffers: the active experts' stats only.
             self.num_batches_tracked[lo:hi].add_(1)
-        return F.batch_norm(x, self.running_mean[s], self.running_var[s], self.weight[s], self.bias[s],
-                            self.training, self.momentum, self.eps)
+
+    def forward(self, x, lo=0, hi=None, params=None):
+        """``x [B, (hi-lo)*C, H, W]``. With ``params`` (this range's ``(weight, bias)``) the caller
+        counts the batch (``count_batch``), once for all the experts it runs."""
+        hi = self.num_experts if hi is None else hi
+        c, n = self.num_features, self.num_experts
+        if params is None:
+            self.count_batch(lo, hi)
+            params = (_rows(self.weight, lo, hi, n, c), _rows(self.bias, lo, hi, n, c))
+        # Views of the running buffers: train mode updates the active experts' stats in place.
+        return F.batch_norm(x, _rows(self.running_mean, lo, hi, n, c), _rows(self.running_var, lo, hi, n, c),
+                            params[0], params[1], self.training, self.momentum, self.eps)
 
     def extra_repr(self):
         return f"experts={self.num_experts}, features={self.num_features}, eps={self.eps}, momentum={self.momentum}"
@@ -93,9 +121,16 @@ class GroupedLinear(nn.Module):
         nn.init.uniform_(self.weight, -bound, bound)
         nn.init.uniform_(self.bias, -bound, bound)
 
-    def run(self, x, lo, hi):
+    def expert_params(self, lo, hi):
+        """One ``(weight [1,K,C], bias [1,K])`` pair of views per expert of ``[lo, hi)``."""
+        n = self.num_experts
+        return list(zip(_rows(self.weight, lo, hi, n, 1).split(1), _rows(self.bias, lo, hi, n, 1).split(1)))
+
+    def forward(self, x, lo=0, hi=None, params=None):
         """x ``[B, (hi-lo), C]`` -> ``[B, (hi-lo), K]``."""
-        w, b = self.weight[lo:hi], self.bias[lo:hi]
+        hi = self.num_experts if hi is None else hi
+        n = self.num_experts
+        w, b = (_rows(self.weight, lo, hi, n, 1), _rows(self.bias, lo, hi, n, 1)) if params is None else params
         return torch.einsum("bnc,nkc->bnk", x, w) + b
 
 
@@ -111,11 +146,16 @@ class _GroupedBlock(nn.Module):
             self.downsample = nn.Sequential(GroupedConv2d(num_experts, in_planes, planes, 1, stride, 0),
                                             GroupedBatchNorm2d(num_experts, planes))
 
-    def run(self, x, lo, hi):
-        out = F.relu(self.bn1.run(self.conv1.run(x, lo, hi), lo, hi))
-        out = self.bn2.run(self.conv2.run(out, lo, hi), lo, hi)
+    def forward(self, x, lo, hi, params=None):
+        """``params``: None, or a dict module -> that module's ``expert_params`` entry for the
+        single expert ``lo`` (the loop executor)."""
+        def p(m):
+            return None if params is None else params[m]
+        out = F.relu(self.bn1(self.conv1(x, lo, hi, params=p(self.conv1)), lo, hi, params=p(self.bn1)))
+        out = self.bn2(self.conv2(out, lo, hi, params=p(self.conv2)), lo, hi, params=p(self.bn2))
         if self.downsample is not None:
-            x = self.downsample[1].run(self.downsample[0].run(x, lo, hi), lo, hi)
+            conv, bn = self.downsample
+            x = bn(conv(x, lo, hi, params=p(conv)), lo, hi, params=p(bn))
         return F.relu(out + x)
 
 
@@ -153,9 +193,7 @@ class GroupedResNet18(nn.Module):
 
     def __init__(self, num_experts: int = 9, num_classes: int = 10, width: int = 64, executor: str = "auto"):
         super().__init__()
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-        self.num_experts = num_experts
+        self.num_experts = check_positive_int("num_experts", num_experts)
         self.num_classes = _check_classes(num_classes)
         self.width = _check_width(width)
         self.executor = _check_executor(executor)
@@ -172,13 +210,32 @@ class GroupedResNet18(nn.Module):
         self.fc = GroupedLinear(E, widths[-1], num_classes)
 
     # ------------------------------------------------------------------ forward
-    def _run(self, x, lo, hi, shared_input):
-        out = F.relu(self.bn1.run(self.conv1.run(x, lo, hi, shared_input), lo, hi))
+    def _run(self, x, lo, hi, shared_input, params=None):
+        """Experts ``[lo, hi)`` as one grouped network; ``params`` (a dict module -> per-expert
+        views, for one expert) replaces the slicing of each parameter."""
+        def p(m):
+            return None if params is None else params[m]
+        out = F.relu(self.bn1(self.conv1(x, lo, hi, shared_input, params=p(self.conv1)), lo, hi, params=p(self.bn1)))
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
-                out = block.run(out, lo, hi)
+                out = block(out, lo, hi, params=params)
         pooled = F.adaptive_avg_pool2d(out, 1).flatten(1)           # [B, n*C]
-        return self.fc.run(pooled.view(pooled.shape[0], hi - lo, -1), lo, hi)
+        # Explicit C (not -1): an empty batch has nothing to infer it from.
+        return self.fc(pooled.view(pooled.shape[0], hi - lo, self.fc.in_features), lo, hi, params=p(self.fc))
+
+    def _run_loop(self, x, lo, hi, shared_input):
+        """The experts one after another. Every parameter is split once into per-expert views, so
+        autograd assembles each parameter's gradient with one cat; the train-mode batch count is
+        bumped once per BatchNorm for the whole range."""
+        per_expert = [{} for _ in range(hi - lo)]
+        for _, m in self._layers():
+            for d, views in zip(per_expert, m.expert_params(lo, hi)):
+                d[m] = views
+            if isinstance(m, GroupedBatchNorm2d):
+                m.count_batch(lo, hi)
+        xs = [x] * (hi - lo) if shared_input else x.unbind(1)
+        outs = [self._run(xe, e, e + 1, True, d) for e, xe, d in zip(range(lo, hi), xs, per_expert)]
+        return torch.cat(outs, dim=1)
 
     def check_input(self, x, n_active=None):
         """Validate ``x``; returns True when it is a shared ``[B,3,H,W]`` input."""
@@ -202,6 +259,8 @@ class GroupedResNet18(nn.Module):
     def resolve_executor(self, x, executor=None) -> str:
         executor = _check_executor(executor or self.executor)
         if executor == "auto":
+            if x.shape[0] == 0:
+                return "grouped"  # nothing to run: no table row or probe applies to an empty batch
             from .autotune import pick_executor
             executor = pick_executor(self, x)
         return executor
@@ -209,14 +268,14 @@ class GroupedResNet18(nn.Module):
     def forward(self, x, experts=None, executor=None):
         lo, hi = _parse_experts(experts, self.num_experts)
         shared = self.check_input(x, hi - lo)
+        check_train_batch(x.shape[0], self.training, type(self).__name__)
         executor = self.resolve_executor(x, executor)
         if executor == "grouped" or hi - lo == 1:
             if not shared:
                 b = x.shape[0]
                 x = x.reshape(b, (hi - lo) * 3, *x.shape[3:])
             return self._run(x, lo, hi, shared)
-        outs = [self._run(x if shared else x[:, e - lo], e, e + 1, True) for e in range(lo, hi)]
-        return torch.cat(outs, dim=1)
+        return self._run_loop(x, lo, hi, shared)
 
     # --------------------------------------------------------- pack / unpack
     def _layers(self):
@@ -225,9 +284,25 @@ class GroupedResNet18(nn.Module):
             if isinstance(module, (GroupedConv2d, GroupedBatchNorm2d, GroupedLinear)):
                 yield name, module
 
+    def expert_layout(self) -> "OrderedDict[str, tuple]":
+        """Key -> shape of one expert's torchvision-style state_dict, in ``ResNet18``'s key order,
+        read off the grouped layers (no model is built)."""
+        layout = OrderedDict()
+        for name, m in self._layers():
+            if isinstance(m, GroupedConv2d):
+                layout[f"{name}.weight"] = (m.out_channels, m.in_channels, m.kernel_size, m.kernel_size)
+            elif isinstance(m, GroupedBatchNorm2d):
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    layout[f"{name}.{key}"] = (m.num_features,)
+                layout[f"{name}.num_batches_tracked"] = ()
+            else:
+                layout[f"{name}.weight"] = (m.out_features, m.in_features)
+                layout[f"{name}.bias"] = (m.out_features,)
+        return layout
+
     def expert_keys(self) -> list[str]:
         """The torchvision-style state_dict keys of one expert, in order."""
-        return list(ResNet18(self.num_classes, self.width).state_dict().keys())
+        return list(self.expert_layout())
 
     def expert_state_dict(self, e: int) -> "OrderedDict[str, torch.Tensor]":
         """Expert ``e`` as an ordinary ``ResNet18`` state_dict (torchvision key names; copies)."""
@@ -255,19 +330,19 @@ class GroupedResNet18(nn.Module):
         where = "state_dict" if index is None else f"state_dict {index}"
         if not isinstance(sd, dict):
             raise TypeError(f"{where}: expected a dict of tensors (a ResNet18 state_dict), got {type(sd).__name__}")
-        reference = ResNet18(self.num_classes, self.width).state_dict()
+        reference = self.expert_layout()
         missing = [k for k in reference if k not in sd]
         extra = [k for k in sd if k not in reference]
         if missing or extra:
             raise ValueError(f"{where}: keys do not match a ResNet18(num_classes={self.num_classes}, "
                              f"width={self.width}) state_dict: missing {missing[:6]}{'...' if len(missing) > 6 else ''}"
                              f", unexpected {extra[:6]}{'...' if len(extra) > 6 else ''}")
-        for k, ref in reference.items():
+        for k, shape in reference.items():
             v = sd[k]
             if not isinstance(v, torch.Tensor):
                 raise TypeError(f"{where}: {k} must be a tensor, got {type(v).__name__}")
-            if tuple(v.shape) != tuple(ref.shape):
-                raise ValueError(f"{where}: {k} expected shape {tuple(ref.shape)}, got {tuple(v.shape)}")
+            if tuple(v.shape) != shape:
+                raise ValueError(f"{where}: {k} expected shape {shape}, got {tuple(v.shape)}")
 
     @torch.no_grad()
     def load_expert_state_dicts(self, state_dicts):
@@ -326,6 +401,4 @@ class GroupedResNet18(nn.Module):
 
 
 def _check_executor(executor) -> str:
-    if executor not in EXECUTORS:
-        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
-    return executor
+    return check_choice("executor", executor, EXECUTORS)
