@@ -19,19 +19,16 @@ from typing import NamedTuple, Sequence
 import torch
 import torch.nn as nn
 
+from . import checks
+from .constants import BACKENDS, CIFAR10_MEAN, CIFAR10_STD, MIX_MODES, ROLES
 from .gate import Gate
 from .grouped import GroupedResNet18, _check_executor, _parse_experts
 from .kernels import gated_mix
 from .resnet import ResNet18
 
+# The shared names stay importable from here (``from fastmoe_adv.moe import CIFAR10_MEAN``).
 __all__ = ["FastSoftMoE", "ReferenceSoftMoE", "MoEOutput", "default_roles", "CIFAR10_MEAN", "CIFAR10_STD",
            "MIX_MODES", "BACKENDS", "ROLES"]
-
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-MIX_MODES = ("logits", "probs")
-BACKENDS = ("auto", "triton", "torch")
-ROLES = ("clean", "fgsm", "pgd")
 
 
 class MoEOutput(NamedTuple):
@@ -67,42 +64,23 @@ def _check_roles(roles, num_experts) -> list[str]:
     return roles
 
 
-def _check_stats(name, value) -> tuple[float, float, float]:
-    try:
-        if isinstance(value, (str, bytes)):
-            raise TypeError
-        vals = tuple(float(v) for v in (value.tolist() if isinstance(value, torch.Tensor) else value))
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a sequence of 3 floats (one per RGB channel), got {value!r}") from None
-    if len(vals) != 3:
-        raise ValueError(f"{name} must have 3 values (one per RGB channel), got {len(vals)}: {vals}")
-    if name == "std" and min(vals) <= 0:
-        raise ValueError(f"std must be > 0 per channel, got {vals}")
-    return vals
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
 class _SoftMoEBase(nn.Module):
     """What both twins share: configuration, normalization, roles, input checks."""
 
-    def __init__(self, num_experts, num_classes, width, mean, std, mix, temperature, roles, gate_hidden):
+    def __init__(self, num_experts, num_classes, width, mean, std, mix, temperature, roles, gate_hidden,
+                 check_inputs, fused_mix):
         super().__init__()
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-            raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"temperature must be a float > 0, got {temperature!r}")
-        self.num_experts, self.num_classes, self.width = num_experts, num_classes, width
-        self.mix = _check_choice("mix", mix, MIX_MODES)
-        self.temperature = float(temperature)
+        # fused_mix: the Triton gated_mix may run, so E and K must fit its tile (fail here, not mid-training).
+        self.num_experts = checks.check_num_experts(num_experts, fused_mix)
+        self.num_classes = checks.check_num_classes(num_classes, fused_mix)
+        self.width = width
+        self.mix = checks.check_choice("mix", mix, MIX_MODES)
+        self.temperature = checks.check_positive_float("temperature", temperature)
         self.roles = _check_roles(roles, num_experts)
         self.gate_hidden = gate_hidden
-        self.register_buffer("mean", torch.tensor(_check_stats("mean", mean)).view(3, 1, 1))
-        self.register_buffer("std", torch.tensor(_check_stats("std", std)).view(3, 1, 1))
+        self.check_inputs = bool(check_inputs)
+        self.register_buffer("mean", torch.tensor(checks.check_rgb_stats("mean", mean)).view(3, 1, 1))
+        self.register_buffer("std", torch.tensor(checks.check_rgb_stats("std", std, positive=True)).view(3, 1, 1))
         self.gate = Gate(num_experts, gate_hidden)
 
     def config(self) -> dict:
@@ -122,13 +100,20 @@ class _SoftMoEBase(nn.Module):
         # Works for [B,3,H,W] and per-expert [B,E,3,H,W]: mean/std are [3,1,1].
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
-    def _check_image(self, x):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"expected a torch.Tensor of images, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"expected float images in [0, 1], got dtype {x.dtype}")
-        if x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"expected images [B,3,H,W] in [0, 1], got shape {tuple(x.shape)}")
+    def _check_image(self, x, n_experts=None):
+        """Shape, dtype and batch checks (free: metadata only), then, when ``check_inputs`` is on,
+        the pixel range (one device-to-host read). ``n_experts`` allows per-expert
+        ``[B,n,3,H,W]`` input."""
+        checks.check_image_tensor(x, n_experts)
+        checks.check_input_dtype(x, self.gate.fc.weight.dtype)
+        checks.check_train_batch(x.shape[0], self.training, type(self).__name__)
+        if self.check_inputs:
+            checks.check_pixel_range(x)
+
+    def _expert_range(self, experts):
+        if isinstance(experts, str):
+            experts = self.role_slice(experts)
+        return _parse_experts(experts, self.num_experts)
 
 
 class FastSoftMoE(_SoftMoEBase):
@@ -143,14 +128,25 @@ class FastSoftMoE(_SoftMoEBase):
         temperature: gate softmax temperature.
         roles: per-expert role list, default ``["clean"] + ["fgsm"] * 4 + ["pgd"] * 4``.
         gate_hidden: width of the gate CNN.
+        check_inputs: check on every call that the pixels are finite and in [0, 1] (one
+            device-to-host read per call, skipped inside CUDA graph capture and torch.compile).
+            Also an attribute: hot loops that feed images they produced themselves (attack steps,
+            training batches from a checked loader) may set ``model.check_inputs = False``.
+            Shape and dtype are checked either way (those checks are free).
+
+    Inputs must have the model's dtype (``model.double()`` for fp64 input), except under
+    ``torch.autocast``, which casts per operation. An empty batch gives empty outputs in eval
+    mode and an error in train mode (BatchNorm has no batch statistics for zero samples).
     """
 
     def __init__(self, num_experts: int = 9, num_classes: int = 10, width: int = 64,
                  mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD, mix: str = "logits",
                  backend: str = "auto", executor: str = "auto", temperature: float = 1.0,
-                 roles: Sequence[str] | None = None, gate_hidden: int = 16):
-        super().__init__(num_experts, num_classes, width, mean, std, mix, temperature, roles, gate_hidden)
-        self.backend = _check_choice("backend", backend, BACKENDS)
+                 roles: Sequence[str] | None = None, gate_hidden: int = 16, check_inputs: bool = True):
+        backend = checks.check_choice("backend", backend, BACKENDS)
+        super().__init__(num_experts, num_classes, width, mean, std, mix, temperature, roles, gate_hidden,
+                         check_inputs, fused_mix=backend != "torch")
+        self.backend = backend
         self.experts = GroupedResNet18(num_experts, num_classes, width, _check_executor(executor))
 
     @property
@@ -176,10 +172,11 @@ class FastSoftMoE(_SoftMoEBase):
     def experts_forward(self, x, experts=None):
         """Raw [0,1] images -> expert logits ``[B, E', K]`` of a contiguous range of experts (a
         slice, range, ``(lo, hi)``, an int or a role name), without the gate. ``x`` is
-        ``[B,3,H,W]`` (shared) or ``[B,E',3,H,W]`` (one image per active expert)."""
-        if isinstance(experts, str):
-            experts = self.role_slice(experts)
-        return self.experts(self.normalize(x), experts=experts)
+        ``[B,3,H,W]`` (shared) or ``[B,E',3,H,W]`` (one image per active expert). Checked like
+        ``forward``."""
+        lo, hi = self._expert_range(experts)
+        self._check_image(x, hi - lo)
+        return self.experts(self.normalize(x), experts=(lo, hi))
 
     def load_experts(self, state_dicts):
         """Load E ordinary ``ResNet18`` state_dicts (torchvision key names)."""
@@ -193,14 +190,15 @@ class FastSoftMoE(_SoftMoEBase):
         if not isinstance(ref, ReferenceSoftMoE):
             raise TypeError(f"expected a ReferenceSoftMoE, got {type(ref).__name__}")
         p = ref.gate.fc.weight
-        moe = cls(**ref.config(), backend=backend, executor=executor).to(device=p.device, dtype=p.dtype)
+        moe = cls(**ref.config(), backend=backend, executor=executor, check_inputs=ref.check_inputs)
+        moe = moe.to(device=p.device, dtype=p.dtype)
         moe.load_experts([m.state_dict() for m in ref.experts])
         moe.gate.load_state_dict(ref.gate.state_dict())
         return moe.train(ref.training)
 
     def to_reference(self) -> "ReferenceSoftMoE":
         p = self.gate.fc.weight
-        ref = ReferenceSoftMoE(**self.config()).to(device=p.device, dtype=p.dtype)
+        ref = ReferenceSoftMoE(**self.config(), check_inputs=self.check_inputs).to(device=p.device, dtype=p.dtype)
         for m, sd in zip(ref.experts, self.expert_state_dicts()):
             m.load_state_dict(sd)
         ref.gate.load_state_dict(self.gate.state_dict())
@@ -217,8 +215,10 @@ class ReferenceSoftMoE(_SoftMoEBase):
 
     def __init__(self, num_experts: int = 9, num_classes: int = 10, width: int = 64,
                  mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD, mix: str = "logits",
-                 temperature: float = 1.0, roles: Sequence[str] | None = None, gate_hidden: int = 16):
-        super().__init__(num_experts, num_classes, width, mean, std, mix, temperature, roles, gate_hidden)
+                 temperature: float = 1.0, roles: Sequence[str] | None = None, gate_hidden: int = 16,
+                 check_inputs: bool = True):
+        super().__init__(num_experts, num_classes, width, mean, std, mix, temperature, roles, gate_hidden,
+                         check_inputs, fused_mix=False)
         self.experts = nn.ModuleList(ResNet18(num_classes, width) for _ in range(num_experts))
 
     def forward(self, x, return_details: bool = False):
@@ -238,13 +238,10 @@ class ReferenceSoftMoE(_SoftMoEBase):
 
     def experts_forward(self, x, experts=None):
         """Same contract as ``FastSoftMoE.experts_forward``, one expert at a time."""
-        if isinstance(experts, str):
-            experts = self.role_slice(experts)
-        lo, hi = _parse_experts(experts, self.num_experts)
+        lo, hi = self._expert_range(experts)
+        self._check_image(x, hi - lo)
         xn = self.normalize(x)
         if xn.dim() == 5:
-            if xn.shape[1] != hi - lo:
-                raise ValueError(f"expected per-expert input [B,{hi - lo},3,H,W], got shape {tuple(x.shape)}")
             return torch.stack([self.experts[e](xn[:, e - lo]) for e in range(lo, hi)], dim=1)
         return torch.stack([self.experts[e](xn) for e in range(lo, hi)], dim=1)
 
