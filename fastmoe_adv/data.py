@@ -479,9 +479,10 @@ def _read_npz(path: Path) -> dict:
     except Exception as exc:  # bad zip, truncated members
         raise ValueError(f"{path}: not a readable .npz file of plain arrays (object arrays are refused: they "
                          f"would need pickle); expected {_NPZ_FORMAT}: {type(exc).__name__}: {exc}") from None
-    layouts = [k for k, keys in _NPZ_SPLIT_KEYS.items() if any(key in arrays for key in keys)]
-    if layouts not in (["images"], ["train", "test"]):
+    present = [k for k, keys in _NPZ_SPLIT_KEYS.items() if any(key in arrays for key in keys)]
+    if not present or ("images" in present and len(present) > 1):   # none, or both layouts at once
         raise ValueError(f"{path}: expected {_NPZ_FORMAT}; found keys {sorted(arrays)}")
+    layouts = ["images"] if present == ["images"] else ["train", "test"]
     allowed = {key for k in layouts for key in _NPZ_SPLIT_KEYS[k]} | set(_NPZ_OPTIONAL)
     missing = sorted({key for k in layouts for key in _NPZ_SPLIT_KEYS[k]} - set(arrays))
     unknown = sorted(set(arrays) - allowed)

@@ -3,8 +3,10 @@ unpickler, the synthetic generator, and DeviceLoader's order, augmentation, shar
 import io
 import os
 import pickle
+import re
 import struct
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +14,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastmoe_adv.data import DATASET_INFO, DeviceLoader, UnsafePickleError, augment, load_dataset, make_synthetic
+from fastmoe_adv.data import (
+    DATASET_INFO,
+    DATASETS,
+    DeviceLoader,
+    UnsafePickleError,
+    augment,
+    channel_stats,
+    dataset_info,
+    holdout_indices,
+    load_dataset,
+    load_npz,
+    make_synthetic,
+    save_npz,
+)
 
 CIFAR_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -494,3 +509,360 @@ def test_loader_state_mismatch_and_bad_input():
         DeviceLoader(images.float(), labels, 4)
     with pytest.raises(ValueError, match="rank"):
         DeviceLoader(images, labels, 4, rank=2, world_size=2)
+
+
+# ----------------------------------------------------------------------------- holdout split
+def _rows(images):
+    return [bytes(row) for row in images.reshape(len(images), -1).numpy()]
+
+
+def test_holdout_indices_fixed_nested_and_refused():
+    a = holdout_indices(1000, 50, seed=0)
+    assert a.dtype == torch.int64 and a.shape == (50,) and torch.equal(a, a.sort().values)
+    assert len(set(a.tolist())) == 50 and 0 <= a.min() and a.max() < 1000
+    assert torch.equal(a, holdout_indices(1000, 50, seed=0))
+    assert not torch.equal(a, holdout_indices(1000, 50, seed=1))
+    assert set(a.tolist()) < set(holdout_indices(1000, 80, seed=0).tolist())   # smaller holdout: a subset
+    # Spread over the whole split, not a block: a quarter of the range holds roughly a quarter.
+    assert 5 <= int((a < 250).sum()) <= 20
+    # Pinned values: the choice must never change under a library upgrade (splitmix64, no torch/numpy RNG).
+    assert holdout_indices(10, 3, seed=0).tolist() == [1, 4, 5]
+    assert holdout_indices(50000, 4, seed=3).tolist() == [468, 23731, 25637, 34154]
+    with pytest.raises(ValueError, match="fewer images than the 1000"):
+        holdout_indices(1000, 1000)
+    for bad in (0, -1, True, 2.5):
+        with pytest.raises(ValueError, match="holdout"):
+            holdout_indices(1000, bad)
+
+
+def test_cifar_holdout_disjoint_deterministic_and_unaffected_by_size(tmp_path):
+    write_cifar(tmp_path, n=20)                                       # 100 training images
+    full_x, full_y = load_dataset("cifar10", root=tmp_path)
+    hx, hy = load_dataset("cifar10", root=tmp_path, split="holdout", holdout=15)
+    tx, ty = load_dataset("cifar10", root=tmp_path, split="train", holdout=15)
+    idx = holdout_indices(100, 15, seed=0)
+    assert torch.equal(hx, full_x[idx]) and torch.equal(hy, full_y[idx])
+    assert len(tx) == 85 and len(set(_rows(tx)) & set(_rows(hx))) == 0            # disjoint
+    assert sorted(_rows(tx) + _rows(hx)) == sorted(_rows(full_x))                 # union = the split
+    rest = [i for i in range(100) if i not in set(idx.tolist())]
+    assert torch.equal(tx, full_x[rest]) and torch.equal(ty, full_y[rest])        # file order kept
+    # The holdout ignores size and seed; size subsets only the remaining training images.
+    for size, seed in ((10, 0), (None, 7), (40, 3)):
+        h2 = load_dataset("cifar10", root=tmp_path, split="holdout", holdout=15, size=None, seed=seed)[0]
+        assert torch.equal(h2, hx)
+        t2, _ = load_dataset("cifar10", root=tmp_path, split="train", holdout=15, size=size, seed=seed)
+        assert len(t2) == (size or 85) and set(_rows(t2)) <= set(_rows(tx))
+    h3 = load_dataset("cifar10", root=tmp_path, split="holdout", holdout=15, holdout_seed=1)[0]
+    assert not torch.equal(h3, hx)
+    assert torch.equal(load_dataset("cifar10", root=tmp_path, split="test", holdout=15)[0],
+                       load_dataset("cifar10", root=tmp_path, split="test")[0])  # test split untouched
+    with pytest.raises(ValueError, match="85 images"):
+        load_dataset("cifar10", root=tmp_path, holdout=15, size=86)
+    with pytest.raises(ValueError, match="fewer images than the 100"):
+        load_dataset("cifar10", root=tmp_path, split="holdout", holdout=100)
+    with pytest.raises(ValueError, match="needs holdout=N"):
+        load_dataset("cifar10", root=tmp_path, split="holdout")
+    with pytest.raises(ValueError, match="holdout"):
+        load_dataset("cifar10", root=tmp_path, holdout=-3)
+
+
+def test_synthetic_holdout_fixed_when_train_size_changes():
+    hx, hy = load_dataset("synthetic", split="holdout", holdout=200, seed=2)
+    full_x, _ = load_dataset("synthetic", seed=2)                                 # the default 5000
+    assert torch.equal(hx, full_x[holdout_indices(5000, 200)])
+    held = set(_rows(hx))
+    for size in (300, 5100):                                          # 5100 > 5000 - 200: generated beyond
+        tx, ty = load_dataset("synthetic", split="train", holdout=200, size=size, seed=2)
+        assert len(tx) == len(ty) == size and not held & set(_rows(tx))
+    tx, _ = load_dataset("synthetic", split="train", holdout=200, seed=2)
+    assert len(tx) == 4800 and sorted(_rows(tx) + _rows(hx)) == sorted(_rows(full_x))
+    assert torch.equal(load_dataset("synthetic", split="train", holdout=200, size=300, seed=2)[0], tx[:300])
+    with pytest.raises(ValueError, match="fewer images than the 5000"):
+        load_dataset("synthetic", split="holdout", holdout=5000)
+
+
+# ----------------------------------------------------------------------------- npz format
+def _npz_arrays(n=12, seed=0, layout="nhwc"):
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+    y = rng.integers(0, 4, size=n).astype(np.int32)
+    y[:4] = [0, 1, 2, 3]
+    return (x if layout == "nhwc" else x.transpose(0, 3, 1, 2).copy()), y
+
+
+@pytest.mark.parametrize("layout", ["nhwc", "nchw"])
+def test_npz_images_labels_file(tmp_path, layout):
+    x, y = _npz_arrays(12, layout=layout)
+    path = tmp_path / "set.npz"
+    np.savez(path, images=x, labels=y)
+    images, labels = load_dataset("npz", root=path)
+    want = x.transpose(0, 3, 1, 2) if layout == "nhwc" else x
+    assert images.dtype == torch.uint8 and images.shape == (12, 3, 32, 32) and images.is_contiguous()
+    assert torch.equal(images, torch.from_numpy(want.copy()))
+    assert labels.dtype == torch.int64 and labels.tolist() == y.tolist()
+    info = dataset_info("npz", path)
+    assert info["num_classes"] == 4 and info["classes"] == ("0", "1", "2", "3") and info["flip"] is False
+    assert info["splits"] == ("train",) and info["sizes"] == {"train": 12}
+    # No mean/std in the file: computed from its training images, and said so.
+    xf = torch.from_numpy(want.astype(np.float64) / 255)
+    assert np.allclose(info["mean"], xf.mean((0, 2, 3)).numpy(), atol=1e-12)
+    assert np.allclose(info["std"], xf.std((0, 2, 3), correction=0).numpy(), atol=1e-12)
+    assert "computed from the file's 12 training images" in info["mean_source"]
+    with pytest.raises(ValueError, match="no split 'test'.*holdout"):
+        load_dataset("npz", root=path, split="test")
+    hx, _ = load_dataset("npz", root=path, split="holdout", holdout=3)
+    tx, _ = load_dataset("npz", root=path, split="train", holdout=3)
+    assert torch.equal(hx, images[holdout_indices(12, 3)]) and len(tx) == 9
+
+
+def test_npz_train_test_file_with_stats_and_classes(tmp_path):
+    x, y = _npz_arrays(10, seed=1)
+    xt, yt = _npz_arrays(6, seed=2, layout="nchw")
+    path = tmp_path / "tt.npz"
+    np.savez(path, train_images=x, train_labels=y, test_images=xt, test_labels=yt.astype(np.uint8),
+             mean=np.array([0.5, 0.4, 0.3], np.float32), std=np.array([0.2, 0.25, 0.3]),
+             classes=np.array(["cat", "dog", "emu", "fox", "gnu"]), flip=np.array(True))
+    train, test = load_npz(path, "train"), load_npz(path, "test")
+    assert torch.equal(train[0], torch.from_numpy(x.transpose(0, 3, 1, 2).copy())) and train[1].tolist() == y.tolist()
+    assert torch.equal(test[0], torch.from_numpy(xt)) and test[1].dtype == torch.int64
+    assert torch.equal(load_dataset("npz", path, split="test")[0], test[0])
+    info = dataset_info("npz", str(path))
+    assert info["num_classes"] == 5 and info["classes"][4] == "gnu" and info["flip"] is True
+    assert info["mean"] == pytest.approx((0.5, 0.4, 0.3)) and info["std"] == (0.2, 0.25, 0.3)
+    assert info["mean_source"] == "file" and info["sizes"] == {"train": 10, "test": 6}
+    assert "npz" in DATASETS and "npz" not in DATASET_INFO
+
+
+def _bad_npz_cases():
+    x, y = _npz_arrays(6)
+    return {
+        "float images": (dict(images=x.astype(np.float32), labels=y), "'images' must be uint8"),
+        "28x28 images": (dict(images=x[:, :28, :28], labels=y), r"\[N, 32, 32, 3\] or \[N, 3, 32, 32\]"),
+        "grey images": (dict(images=x[..., 0], labels=y), "'images' must be uint8"),
+        "float labels": (dict(images=x, labels=y.astype(np.float32)), "'labels' must be integer"),
+        "2-D labels": (dict(images=x, labels=y[:, None]), "'labels' must be integer labels"),
+        "negative label": (dict(images=x, labels=np.array([0, 1, -1, 2, 0, 1])), r"range -1\.\.2"),
+        "label >= classes": (dict(images=x, labels=y, classes=np.array(["a", "b", "c"])),
+                             r"0\.\.2 \(3 classes\), got range 0\.\.3"),
+        "length mismatch": (dict(images=x, labels=y[:5]), "6 images but 'labels' 5 labels"),
+        "missing labels": (dict(images=x), r"missing keys \['labels'\]"),
+        "missing test": (dict(train_images=x, train_labels=y), r"missing keys \['test_images', 'test_labels'\]"),
+        "both layouts": (dict(images=x, labels=y, train_images=x, train_labels=y), "expected uint8 images"),
+        "unknown key": (dict(images=x, labels=y, lables=y), r"unexpected keys \['lables'\]"),
+        "no images": (dict(mean=np.zeros(3)), "found keys"),
+        "empty": (dict(images=x[:0], labels=y[:0]), "holds no images"),
+        "mean shape": (dict(images=x, labels=y, mean=np.zeros(4)), "'mean' must be 3 finite floats"),
+        "std zero": (dict(images=x, labels=y, std=np.array([0.2, 0.0, 0.2])), "'std' must be positive"),
+        "classes ints": (dict(images=x, labels=y, classes=np.arange(4)), "'classes' must be a 1-D array"),
+        "object array": (dict(images=x, labels=y, classes=np.array(["a", 1, None], dtype=object)),
+                         "object arrays are refused"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_npz_cases()))
+def test_npz_bad_file_is_clear_value_error(tmp_path, case):
+    arrays, message = _bad_npz_cases()[case]
+    path = tmp_path / "bad.npz"
+    np.savez(path, **arrays)                                          # np.savez pickles object arrays
+    with pytest.raises(ValueError, match=message) as info:
+        load_dataset("npz", root=path)
+    assert str(path) in str(info.value)
+
+
+def test_npz_path_errors_and_no_pickle_execution(tmp_path):
+    with pytest.raises(ValueError, match="path of a .npz file"):
+        load_dataset("npz")
+    with pytest.raises(FileNotFoundError, match="folder"):
+        load_dataset("npz", root=tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        dataset_info("npz", tmp_path / "nope.npz")
+    np.save(tmp_path / "one.npy", np.zeros((2, 32, 32, 3), np.uint8))
+    with pytest.raises(ValueError, match="single .npy array"):
+        load_dataset("npz", root=tmp_path / "one.npy")
+    marker = tmp_path / "pwned"
+    (tmp_path / "evil.npz").write_bytes(pickle.dumps(_RunsCode(marker), protocol=2))
+    with pytest.raises(ValueError, match="evil.npz"):
+        load_dataset("npz", root=tmp_path / "evil.npz")
+    assert not marker.exists()
+
+
+def test_save_npz_round_trip(tmp_path):
+    x, y = load_dataset("synthetic", size=40, seed=4)
+    xt, yt = load_dataset("synthetic", split="test", size=9, seed=4)
+    info = DATASET_INFO["synthetic"]
+    path = save_npz(tmp_path / "syn.npz", x, y, mean=info["mean"], std=info["std"], classes=info["classes"],
+                    flip=info["flip"], test_images=xt, test_labels=yt)
+    assert path == tmp_path / "syn.npz" and sorted(p.name for p in tmp_path.iterdir()) == ["syn.npz"]
+    for split, (want_x, want_y) in (("train", (x, y)), ("test", (xt, yt))):
+        got_x, got_y = load_dataset("npz", root=path, split=split)
+        assert torch.equal(got_x, want_x) and torch.equal(got_y, want_y)
+    got = dataset_info("npz", path)
+    for key in ("mean", "std", "classes", "flip", "num_classes"):
+        assert got[key] == info[key], key
+    small = save_npz(tmp_path / "train_only.npz", x[:8], y[:8], compress=True)
+    assert torch.equal(load_dataset("npz", small)[0], x[:8])
+    assert dataset_info("npz", small)["mean"] == pytest.approx(channel_stats(x[:8])[0], abs=1e-12)
+    with pytest.raises(ValueError, match="must end in .npz"):
+        save_npz(tmp_path / "x.data", x, y)
+    with pytest.raises(ValueError, match="'labels' must be integer"):
+        save_npz(tmp_path / "bad.npz", x, y.float())
+    with pytest.raises(ValueError, match="both test_images and test_labels"):
+        save_npz(tmp_path / "bad.npz", x, y, test_images=xt)
+    assert not (tmp_path / "bad.npz").exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_channel_stats_matches_direct_computation():
+    x = torch.randint(0, 256, (37, 3, 5, 7), dtype=torch.uint8)
+    mean, std = channel_stats(x, chunk=8)                             # several chunks and a ragged last one
+    xf = x.double() / 255
+    assert np.allclose(mean, xf.mean((0, 2, 3)).numpy(), atol=1e-12, rtol=0)
+    assert np.allclose(std, xf.std((0, 2, 3), correction=0).numpy(), atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="uint8"):
+        channel_stats(x.float())
+
+
+# ----------------------------------------------------------------------------- unpickler: protocol-2 bytes
+def test_cifar_protocol2_empty_arrays_and_bytes_load(tmp_path):
+    write_cifar(tmp_path, n=4)
+    empty = {b"batch_label": b"", b"labels": [], b"data": np.zeros((0, 3072), np.uint8), b"filenames": [],
+             b"note": bytearray(b"ab"), b"blank": bytearray()}
+    raw = pickle.dumps(empty, protocol=2)
+    assert b"__builtin__\nbytes" in raw and b"__builtin__\nbytearray" in raw    # what protocol 2 emits
+    folder = tmp_path / "cifar-10-batches-py"
+    (folder / "test_batch").write_bytes(raw)
+    x, y = load_dataset("cifar10", root=tmp_path, split="test")
+    assert x.shape == (0, 3, 32, 32) and y.shape == (0,) and y.dtype == torch.int64
+    # An empty batch among full ones: the others' images come through unchanged.
+    (folder / "data_batch_3").write_bytes(raw)
+    x, _ = load_dataset("cifar10", root=tmp_path, split="train")
+    assert x.shape == (16, 3, 32, 32)
+
+
+def _global_call(module, name, arg_opcodes=b")"):
+    """Protocol-2 bytes that call module.name(*args) and return the result."""
+    return b"\x80\x02c" + module + b"\n" + name + b"\n" + arg_opcodes + b"R."
+
+
+@pytest.mark.parametrize("payload,message", [
+    (_global_call(b"__builtin__", b"bytes", b"J\x00\x00\x00\x40\x85"), "bytes(int)"),      # bytes(2**30)
+    (_global_call(b"builtins", b"bytearray", b"J\x00\x00\x00\x40\x85"), "bytearray(int)"),
+    (_global_call(b"__builtin__", b"eval", b"X\x05\x00\x00\x001 + 1\x85"), "__builtin__.eval"),
+    (_global_call(b"builtins", b"exec", b"X\x04\x00\x00\x00pass\x85"), "builtins.exec"),
+    (_global_call(b"posix", b"system", b"X\x04\x00\x00\x00true\x85"), "posix.system"),
+    (_global_call(b"__builtin__", b"getattr", b")"), "__builtin__.getattr"),
+    (_global_call(b"__builtin__", b"open", b"X\x04\x00\x00\x00/tmp\x85"), "__builtin__.open"),
+    (_global_call(b"subprocess", b"Popen", b")"), "subprocess.Popen"),
+])
+def test_cifar_unpickler_still_refuses_everything_else(tmp_path, payload, message):
+    write_cifar(tmp_path, n=4)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(payload)
+    with pytest.raises(UnsafePickleError, match=re.escape(message)):
+        load_dataset("cifar10", root=tmp_path, split="test")
+
+
+# ----------------------------------------------------------------------------- SVHN labels
+def test_svhn_label_zero_is_refused(tmp_path):
+    pytest.importorskip("scipy")
+    from scipy.io import savemat
+    X, y = write_svhn(tmp_path, "train", 5)
+    y[2, 0] = 0                                                       # digit 0 is 10 in the official files
+    savemat(str(tmp_path / "train_32x32.mat"), {"X": X, "y": y})
+    with pytest.raises(ValueError, match=r"1\.\.10 \(10 = digit 0\), got range 0\.\.10.*stored as 10") as info:
+        load_dataset("svhn", root=tmp_path, split="train")
+    assert "train_32x32.mat" in str(info.value)
+    y[2, 0] = 11
+    savemat(str(tmp_path / "train_32x32.mat"), {"X": X, "y": y})
+    with pytest.raises(ValueError, match=r"1\.\.10 \(10 = digit 0\), got range \d+\.\.11$"):
+        load_dataset("svhn", root=tmp_path, split="train")
+
+
+# ----------------------------------------------------------------------------- DeviceLoader: one shared copy
+def test_loaders_share_one_device_copy_and_stay_independent():
+    images, labels = _id_data(37)
+    kw = dict(augment=True, dataset="cifar10", drop_last=False)
+    a = DeviceLoader(images, labels, 5, "cpu", seed=1, **kw)
+    b = DeviceLoader(images, labels, 5, "cpu", seed=2, **kw)
+    assert a.images.data_ptr() == b.images.data_ptr() == images.data_ptr()       # no copy of on-device data
+    assert a.labels.data_ptr() == b.labels.data_ptr() == labels.data_ptr()       # int64 already: no copy
+    group = DeviceLoader.group(images, labels.to(torch.int32), 5, "cpu", seeds=[1, 2, 3], **kw)
+    assert len({g.images.data_ptr() for g in group}) == 1 and group[0].images.data_ptr() == images.data_ptr()
+    assert len({g.labels.data_ptr() for g in group}) == 1 and group[0].labels.dtype == torch.int64
+    # Independent streams: each group member yields what a loader built alone with its seed yields.
+    solo = [DeviceLoader(images.clone(), labels.clone(), 5, seed=s, **kw) for s in (1, 2, 3)]
+    first = [[next(iter(g)) for _ in range(3)] for g in group]
+    assert not torch.equal(first[0][0][1], first[1][0][1])                       # different permutations
+    for g_batches, s_loader in zip(first, solo):
+        s_it = iter(s_loader)
+        for xg, yg in g_batches:
+            xs, ys = next(s_it)
+            assert torch.equal(xg, xs) and torch.equal(yg, ys)
+    # Resume is bit-exact for a member of a group while its siblings keep going.
+    state = group[1].state_dict()
+    expected = [bt for _ in range(2) for bt in group[1]]
+    list(group[0]), list(group[2])
+    fresh = DeviceLoader.group(images, labels, 5, "cpu", seeds=[1, 2, 3], **kw)[1]
+    fresh.load_state_dict(state)
+    got = [bt for _ in range(2) for bt in fresh]
+    assert len(got) == len(expected) and all(torch.equal(x1, x2) and torch.equal(y1, y2)
+                                             for (x1, y1), (x2, y2) in zip(got, expected))
+    with pytest.raises(ValueError, match="seeds="):
+        DeviceLoader.group(images, labels, 5, seeds=[1], seed=3)
+    with pytest.raises(ValueError, match="at least one seed"):
+        DeviceLoader.group(images, labels, 5, seeds=[])
+    with pytest.raises(ValueError, match="uint8"):
+        DeviceLoader.group(images.float(), labels, 5, seeds=[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_loaders_share_one_cuda_copy():
+    images, labels = _id_data(64)
+    group = DeviceLoader.group(images, labels, 8, "cuda", seeds=range(9), augment=True, dataset="cifar10")
+    assert len({g.images.data_ptr() for g in group}) == 1 and group[0].images.is_cuda
+    on_gpu = images.cuda()
+    again = DeviceLoader(on_gpu, labels.cuda(), 8, "cuda", seed=0)
+    assert again.images.data_ptr() == on_gpu.data_ptr()
+    cpu_ref = DeviceLoader(images, labels, 8, "cpu", seed=4, augment=True, dataset="cifar10")
+    for (xg, yg), (xc, yc) in zip(group[4], cpu_ref):
+        assert torch.equal(xg.cpu(), xc) and torch.equal(yg.cpu(), yc)   # same batches as on the CPU
+
+
+# ----------------------------------------------------------------------------- real CIFAR-10 (when present)
+def _real_cifar_dir():
+    env = os.environ.get("FASTMOE_CIFAR10_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-train"
+
+
+@pytest.fixture(scope="module")
+def real_cifar():
+    root = _real_cifar_dir()
+    if not (root / "cifar-10-python.tar.gz").is_file() and not (root / "cifar-10-batches-py").is_dir():
+        pytest.skip(f"real CIFAR-10 not found in {root} (set FASTMOE_CIFAR10_DIR to a folder holding "
+                    "cifar-10-python.tar.gz)")
+    full = load_dataset("cifar10", root=root, split="train")
+    train = load_dataset("cifar10", root=root, split="train", holdout=1000)
+    return root, full, train
+
+
+def test_real_cifar10_train_split_and_holdout(real_cifar):
+    _, (x, y), (tx, ty) = real_cifar
+    assert x.shape == (50000, 3, 32, 32) and x.dtype == torch.uint8
+    assert torch.bincount(y, minlength=10).tolist() == [5000] * 10                 # 10 classes, balanced
+    mean, std = channel_stats(x)                                                   # the published constants
+    assert np.allclose(mean, DATASET_INFO["cifar10"]["mean"], atol=1e-4)
+    assert np.allclose(std, DATASET_INFO["cifar10"]["std"], atol=1e-4)
+    held = holdout_indices(50000, 1000)
+    rest = torch.ones(50000, dtype=torch.bool)
+    rest[held] = False
+    assert tx.shape == (49000, 3, 32, 32) and torch.equal(tx, x[rest]) and torch.equal(ty, y[rest])
+    assert set(held.tolist()).isdisjoint(rest.nonzero().view(-1).tolist())
+    assert torch.bincount(y[held], minlength=10).min() >= 70                       # every class represented
+
+
+def test_real_cifar10_npz_subset_round_trip(real_cifar, tmp_path):
+    _, (x, y), _ = real_cifar
+    info = dataset_info("cifar10")
+    path = save_npz(tmp_path / "c10.npz", x[:2000], y[:2000], mean=info["mean"], std=info["std"],
+                    classes=info["classes"], flip=info["flip"])
+    got_x, got_y = load_dataset("npz", root=path)
+    assert torch.equal(got_x, x[:2000]) and torch.equal(got_y, y[:2000])
+    assert dataset_info("npz", path)["classes"] == DATASET_INFO["cifar10"]["classes"]
