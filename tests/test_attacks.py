@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from helpers import randomize_
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.overrides import TorchFunctionMode
 
 import fastmoe_adv as fm
 from fastmoe_adv import attacks as A
@@ -58,6 +59,35 @@ def small_moe(mix="logits", seed=0, executor="grouped"):
 def data(b=6, size=8, seed=1, k=10):
     g = torch.Generator().manual_seed(seed)
     return torch.rand(b, 3, size, size, generator=g), torch.randint(0, k, (b,), generator=g)
+
+
+# ----------------------------------------------------------------------------- host syncs
+class SyncCounter(TorchFunctionMode):
+    """Counts the Python-level calls that force a host-device sync on an accelerator: ``.item()``,
+    ``bool(t)``, ``int(t)``, ``.tolist()``, ``.nonzero()``, ``.cpu()``, boolean-mask indexing, ...
+    On CPU there is nothing to wait for, so counting them is the honest check; on CUDA
+    ``torch.cuda.set_sync_debug_mode`` checks the same (tests/test_kernels_cuda.py style)."""
+
+    SYNCING = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist, torch.Tensor.__int__,
+               torch.Tensor.__float__, torch.Tensor.__index__, torch.Tensor.nonzero, torch.nonzero,
+               torch.Tensor.numpy, torch.Tensor.cpu, torch.masked_select, torch.Tensor.masked_select,
+               torch.unique, torch.Tensor.unique, torch.Tensor.any, torch.any, torch.Tensor.all, torch.all}
+
+    def __init__(self):
+        super().__init__()
+        self.count, self.calls = 0, []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCING or (func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__)
+                                    and self._bool_index(args[1])):
+            self.count += 1
+            self.calls.append(getattr(func, "__name__", repr(func)))
+        return func(*args, **(kwargs or {}))
+
+    @staticmethod
+    def _bool_index(index):
+        items = index if isinstance(index, tuple) else (index,)
+        return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
 
 
 # ----------------------------------------------------------------------------- references
