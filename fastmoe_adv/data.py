@@ -116,7 +116,8 @@ def dataset_info(name: str, root=None) -> dict:
         return dict(_npz_info(_npz_path(root)))
     if name not in DATASET_INFO:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
-    return {**DATASET_INFO[name], "mean_source": "published"}
+    info = DATASET_INFO[name]
+    return {**info, "sizes": dict(info["sizes"]), "mean_source": "DATASET_INFO"}
 
 
 def holdout_indices(num_train: int, holdout: int, seed: int = 0) -> torch.Tensor:
@@ -127,6 +128,7 @@ def holdout_indices(num_train: int, holdout: int, seed: int = 0) -> torch.Tensor
     holdout is a subset of a larger one with the same seed. Refuses ``holdout >= num_train``.
     """
     num_train, holdout = _count("num_train", num_train, 1), _count("holdout", holdout, 1)
+    seed = _count("holdout_seed", seed, 0)
     if holdout >= num_train:
         raise ValueError(f"holdout: expected fewer images than the {num_train} of the training split "
                          f"(some must remain for training), got {holdout}")
@@ -167,9 +169,11 @@ def load_dataset(name: str, root=None, split: str = "train", download: bool = Fa
         subsets the split asked for ("train": the images left after the holdout is removed).
     holdout: the number of training images held out for validation (0 = none). They are
         ``holdout_indices(full training split size, holdout, holdout_seed)`` of the full
-        training split; ``split="train"`` excludes them and ``split="holdout"`` returns exactly
-        them, whatever ``size`` and ``seed`` are. Synthetic: chosen among the default 5000
-        training images; a larger ``size`` generates more images beyond those.
+        training split; ``split="train"`` excludes them and ``split="holdout"`` returns them.
+        Which images are held out never depends on ``size`` or ``seed`` (``size`` then subsets
+        the split returned, e.g. to evaluate on part of the holdout). Synthetic: chosen among
+        the default 5000 training images; a larger ``size`` generates more images beyond those.
+    holdout_seed: picks which images are held out (an int >= 0).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")

@@ -533,6 +533,8 @@ def test_holdout_indices_fixed_nested_and_refused():
     for bad in (0, -1, True, 2.5):
         with pytest.raises(ValueError, match="holdout"):
             holdout_indices(1000, bad)
+    with pytest.raises(ValueError, match="holdout_seed"):
+        holdout_indices(1000, 5, seed=-1)
 
 
 def test_cifar_holdout_disjoint_deterministic_and_unaffected_by_size(tmp_path):
