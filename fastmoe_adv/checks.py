@@ -54,11 +54,11 @@ def check_rgb_stats(name: str, value, positive: bool = False) -> tuple[float, fl
 
 
 def check_num_experts(num_experts, fused_mix: bool = False) -> int:
-    """E >= 1; with ``fused_mix`` (the Triton gated_mix may run) also E <= ``MAX_EXPERTS``."""
+    """E >= 1; with ``fused_mix`` (the mixture mixes with ``gated_mix``) also E <= ``MAX_EXPERTS``."""
     check_positive_int("num_experts", num_experts)
     if fused_mix and num_experts > MAX_EXPERTS:
-        raise ValueError(f"num_experts must be <= {MAX_EXPERTS} with the Triton mixing kernel (backend 'triton' or "
-                         f"'auto'), got {num_experts}; use backend='torch' for more experts")
+        raise ValueError(f"num_experts must be <= {MAX_EXPERTS} (the limit of the fused gated_mix, all experts of a "
+                         f"row in one tile), got {num_experts}; ReferenceSoftMoE has no such limit")
     return num_experts
 
 
@@ -66,8 +66,8 @@ def check_num_classes(num_classes, fused_mix: bool = False) -> int:
     """K >= 1; with ``fused_mix`` also K <= ``MAX_CLASSES``."""
     check_positive_int("num_classes", num_classes)
     if fused_mix and num_classes > MAX_CLASSES:
-        raise ValueError(f"num_classes must be <= {MAX_CLASSES} with the Triton mixing kernel (backend 'triton' or "
-                         f"'auto'), got {num_classes}; use backend='torch' for more classes")
+        raise ValueError(f"num_classes must be <= {MAX_CLASSES} (the limit of the fused gated_mix), got "
+                         f"{num_classes}; ReferenceSoftMoE has no such limit")
     return num_classes
 
 
@@ -87,8 +87,10 @@ def check_image_tensor(x, n_experts=None, what: str = "images") -> bool:
 
 
 def check_input_dtype(x: torch.Tensor, model_dtype: torch.dtype, what: str = "images"):
-    """The input's dtype must be the model's, except under autocast (which casts per op)."""
-    if x.dtype != model_dtype and not torch.is_autocast_enabled(x.device.type):
+    """The input's dtype must be the model's, except under autocast, which casts fp16/bf16/fp32
+    per op (it leaves fp64 alone, so fp64 must still match)."""
+    autocast = torch.is_autocast_enabled(x.device.type) and torch.float64 not in (x.dtype, model_dtype)
+    if x.dtype != model_dtype and not autocast:
         raise TypeError(f"{what} have dtype {x.dtype} but the model's parameters are {model_dtype}: convert the "
                         f"input (x.to({model_dtype})) or the model (model.to({x.dtype})), or run under torch.autocast")
 
@@ -107,8 +109,9 @@ def check_pixel_range(x: torch.Tensor, what: str = "images"):
     fails both comparisons, so it is caught without a separate isfinite pass."""
     if x.numel() == 0 or sync_free_context(x):
         return
-    with torch.no_grad():
-        lo, hi = torch.stack([x.amin(), x.amax()]).tolist()
+    # Outside autocast: stack is a type-promoting op there and refuses some input dtypes.
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        lo, hi = torch.stack([x.amin().float(), x.amax().float()]).tolist()
     if not (lo >= 0.0 and hi <= 1.0):
         raise ValueError(f"expected {what} with finite pixels in [0, 1], got min {lo} and max {hi}; scale 0..255 "
                          f"images by 1/255 and remove NaN/Inf (check_inputs=False skips this check)")

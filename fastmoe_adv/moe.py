@@ -70,7 +70,8 @@ class _SoftMoEBase(nn.Module):
     def __init__(self, num_experts, num_classes, width, mean, std, mix, temperature, roles, gate_hidden,
                  check_inputs, fused_mix):
         super().__init__()
-        # fused_mix: the Triton gated_mix may run, so E and K must fit its tile (fail here, not mid-training).
+        # fused_mix: the mixture mixes with gated_mix (either backend), so E and K must fit its limits:
+        # fail here, not at the first forward of a training run.
         self.num_experts = checks.check_num_experts(num_experts, fused_mix)
         self.num_classes = checks.check_num_classes(num_classes, fused_mix)
         self.width = width
@@ -145,7 +146,7 @@ class FastSoftMoE(_SoftMoEBase):
                  roles: Sequence[str] | None = None, gate_hidden: int = 16, check_inputs: bool = True):
         backend = checks.check_choice("backend", backend, BACKENDS)
         super().__init__(num_experts, num_classes, width, mean, std, mix, temperature, roles, gate_hidden,
-                         check_inputs, fused_mix=backend != "torch")
+                         check_inputs, fused_mix=True)
         self.backend = backend
         self.experts = GroupedResNet18(num_experts, num_classes, width, _check_executor(executor))
 

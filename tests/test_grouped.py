@@ -220,3 +220,91 @@ def test_bad_state_dicts():
         grouped.load_expert_state_dicts([wrong, good[1], good[2]])
     with pytest.raises(TypeError, match="list of 3 state_dicts"):
         grouped.load_expert_state_dicts(good[0])
+
+
+# ------------------------------------------------------------------ layout, layers, empty batches, loop graph
+@pytest.mark.parametrize("num_classes,width", [(10, 64), (7, 3)])
+def test_expert_keys_and_shapes_equal_resnet18_without_building_one(monkeypatch, num_classes, width):
+    want = {k: tuple(v.shape) for k, v in fm.ResNet18(num_classes, width).state_dict().items()}
+    grouped = fm.GroupedResNet18(2, num_classes, width)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("expert_keys/check_expert_state_dict must not build a ResNet18")
+    monkeypatch.setattr(fm.grouped, "ResNet18", no_build)
+    assert grouped.expert_keys() == list(want)
+    assert dict(grouped.expert_layout()) == want
+    assert set(TORCHVISION_KEYS_SAMPLE) <= set(grouped.expert_keys())
+    sd = {k: torch.ones(s) for k, s in want.items()}
+    grouped.check_expert_state_dict(sd)  # accepts a correct one without building a model
+    assert list(grouped.expert_state_dict(1)) == list(want)
+
+
+def test_grouped_layers_are_called_as_modules():
+    conv = fm.grouped.GroupedConv2d(3, 2, 4, 3, 1, 1)
+    bn = fm.grouped.GroupedBatchNorm2d(3, 4).eval()
+    fc = fm.grouped.GroupedLinear(3, 4, 5)
+    randomize_(bn)
+    assert not hasattr(conv, "run") and not hasattr(bn, "run") and not hasattr(fc, "run")
+    x = torch.randn(2, 2 * 2, 5, 5)        # experts 1..2, grouped input
+    got = bn(conv(x, 1, 3), 1, 3)
+    w = conv.weight[4:12]
+    ref = torch.nn.functional.conv2d(x, w, None, 1, 1, 1, 2)
+    ref = (ref - bn.running_mean[4:12, None, None]) / (bn.running_var[4:12, None, None] + bn.eps).sqrt()
+    ref = ref * bn.weight[4:12, None, None] + bn.bias[4:12, None, None]
+    assert rel_err(got, ref) <= TOL
+    h = torch.randn(2, 3, 4)
+    assert rel_err(fc(h), torch.einsum("bnc,nkc->bnk", h, fc.weight) + fc.bias) <= TOL  # default: all experts
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+@pytest.mark.parametrize("shape,experts", [((0, 3, 16, 16), None), ((0, 2, 3, 16, 16), (1, 3)), ((0, 3, 8, 8), 2)])
+def test_empty_batch_gives_empty_logits(executor, shape, experts):
+    grouped = randomize_(fm.GroupedResNet18(4, 10, 4, executor=executor)).eval()
+    x = torch.randn(shape, requires_grad=True)
+    out = grouped(x, experts=experts)
+    n = 4 if experts is None else (1 if isinstance(experts, int) else experts[1] - experts[0])
+    assert out.shape == (0, n, 10) and out.dtype == torch.float32
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_empty_batch_in_train_mode_is_refused_before_touching_stats():
+    grouped = fm.GroupedResNet18(3, 10, 4).train()
+    before = {k: v.clone() for k, v in grouped.state_dict().items()}
+    with pytest.raises(ValueError, match=r"empty batch \(B=0\) in training mode"):
+        grouped(torch.randn(0, 3, 16, 16))
+    for k, v in grouped.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def _graph_node_names(out):
+    names, seen, stack = [], set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_loop_backward_builds_each_gradient_with_one_cat(per_expert):
+    # A per-expert slice of a parameter costs a zeros + copy + accumulate in the backward; the
+    # loop must split each parameter once instead (one cat per parameter in the backward).
+    grouped = fm.GroupedResNet18(9, 10, 4, executor="loop").train()
+    x = torch.randn(2, 9, 3, 8, 8) if per_expert else torch.randn(2, 3, 8, 8)
+    names = _graph_node_names(grouped(x))
+    n_params = len(list(grouped.parameters()))
+    assert names.count("SliceBackward0") == 0
+    assert names.count("SelectBackward0") == 0
+    assert names.count("SplitBackward0") == n_params
+    # the batch counter is bumped once per BatchNorm, for the whole range
+    assert all(int(n) == 1 for m in grouped.modules() if isinstance(m, fm.grouped.GroupedBatchNorm2d)
+               for n in m.num_batches_tracked)
+
+
+def test_grouped_executor_full_range_takes_parameters_without_slicing():
+    grouped = fm.GroupedResNet18(3, 10, 4, executor="grouped").train()
+    assert "SliceBackward0" not in _graph_node_names(grouped(torch.randn(2, 3, 8, 8)))

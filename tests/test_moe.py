@@ -1,4 +1,6 @@
 """FastSoftMoE against its reference twin: outputs, input and parameter gradients, BN stats."""
+import copy
+
 import pytest
 import torch
 from helpers import grouped_grads_per_expert, random_reference, randomize_, rel_err
@@ -157,10 +159,138 @@ def test_bad_inputs():
     (dict(backend="cuda"), "backend must be one of.*'cuda'"),
     (dict(executor="vmap"), "executor must be one of.*'vmap'"),
     (dict(temperature=0.0), "temperature must be a float > 0"),
+    (dict(temperature=float("inf")), "temperature must be a float > 0 \\(finite\\), got inf"),
+    (dict(std=(float("nan"), 1.0, 1.0)), "std must be finite per channel"),
+    (dict(mean=(float("inf"), 0.5, 0.5)), "mean must be finite per channel"),
+    (dict(std=(-0.1, 1.0, 1.0)), "std must be > 0 per channel"),
+    (dict(num_experts=65), "num_experts must be <= 64 \\(the limit of the fused gated_mix"),
+    (dict(num_experts=65, backend="torch"), "num_experts must be <= 64"),
+    (dict(num_classes=1025, backend="triton"), "num_classes must be <= 1024 \\(the limit of the fused gated_mix"),
+    (dict(num_experts=0), "num_experts must be a positive int"),
     (dict(roles=["clean", "pgd", "fgsm", "pgd"]), "expected 3 roles"),
     (dict(roles=["pgd", "clean", "pgd"]), "contiguous"),
     (dict(roles=["clean", "fgsm", "cw"]), "unknown expert role 'cw'"),
 ])
 def test_bad_config(kwargs, match):
+    kwargs = dict(dict(num_experts=3, width=4), **kwargs)
     with pytest.raises((ValueError, TypeError), match=match):
-        fm.FastSoftMoE(num_experts=3, width=4, **kwargs)
+        fm.FastSoftMoE(**kwargs)
+
+
+def test_expert_and_class_limits():
+    # gated_mix (both backends) takes at most 64 experts and 1024 classes: the limits themselves work ...
+    moe = fm.FastSoftMoE(num_experts=64, num_classes=3, width=1, backend="torch", gate_hidden=1).eval()
+    assert moe(torch.rand(1, 3, 4, 4)).shape == (1, 3)
+    assert fm.FastSoftMoE(num_experts=1, num_classes=1024, width=1).num_classes == 1024
+    # ... and the reference, which mixes with plain torch ops, has none.
+    assert fm.ReferenceSoftMoE(num_experts=2, num_classes=1025, width=1).num_classes == 1025
+
+
+# ------------------------------------------------------------------ input checks, dtypes, empty batches
+TWINS = [fm.FastSoftMoE, fm.ReferenceSoftMoE]
+BAD_PIXELS = [
+    (lambda x: x * 255, r"min \d+\.\d+ and max \d{2,3}\."),             # 0..255 images
+    (lambda x: x.index_fill(0, torch.tensor([1]), float("nan")), "min nan"),
+    (lambda x: x.index_fill(0, torch.tensor([0]), float("inf")), "min 0.1.* and max inf"),
+    (lambda x: x - 0.5, "min -0.3"),
+]
+
+
+@pytest.mark.parametrize("cls", TWINS)
+@pytest.mark.parametrize("entry", ["forward", "experts_forward"])
+def test_both_entry_points_check_their_input(cls, entry):
+    moe = cls(num_experts=3, width=4).eval()
+    call = getattr(moe, entry)
+    with pytest.raises(TypeError, match="float images.*torch.uint8"):
+        call(torch.randint(0, 255, (2, 3, 8, 8), dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\(2, 1, 8, 8\)"):
+        call(torch.rand(2, 1, 8, 8))  # not broadcast to 3 channels
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        call([[0.0]])
+    for corrupt, match in BAD_PIXELS:
+        with pytest.raises(ValueError, match=f"finite pixels in \\[0, 1\\], got {match}"):
+            call(corrupt(torch.rand(2, 3, 8, 8) * 0.8 + 0.1))
+
+
+@pytest.mark.parametrize("cls", TWINS)
+def test_check_inputs_switch(cls):
+    x = torch.rand(2, 3, 8, 8).index_fill(0, torch.tensor([1]), float("nan"))
+    moe = cls(num_experts=3, width=4, check_inputs=False).eval()
+    assert moe.check_inputs is False
+    out = moe(x)                                        # not checked: the NaN goes through
+    assert torch.isnan(out[1]).all() and torch.isfinite(out[0]).all()
+    assert torch.isnan(moe.experts_forward(x)[1]).all()
+    moe.check_inputs = True                             # the attribute switches it back on
+    with pytest.raises(ValueError, match="min nan"):
+        moe(x)
+    with pytest.raises(ValueError, match="min nan"):
+        moe.experts_forward(x)
+    with pytest.raises(ValueError, match=r"\(2, 1, 8, 8\)"):  # shape checks stay on either way
+        cls(num_experts=3, width=4, check_inputs=False)(torch.rand(2, 1, 8, 8))
+    assert cls(num_experts=3, width=4).check_inputs is True   # default on
+
+
+def test_check_inputs_survives_twin_conversion():
+    ref = random_reference(3, 4, check_inputs=False)
+    assert fm.FastSoftMoE.from_reference(ref).check_inputs is False
+    assert fm.FastSoftMoE.from_reference(ref).to_reference().check_inputs is False
+
+
+@pytest.mark.parametrize("cls", TWINS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_input_dtype_is_refused_naming_both(cls, dtype):
+    moe = cls(num_experts=3, width=4).eval()
+    x = torch.rand(2, 3, 8, 8, dtype=dtype)
+    with pytest.raises(TypeError, match=f"images have dtype {dtype} but the model's parameters are torch.float32"):
+        moe(x)
+    with pytest.raises(TypeError, match=f"images have dtype {dtype}"):
+        moe.experts_forward(x)
+
+
+def test_fp64_model_takes_fp64_input_and_autocast_takes_any():
+    ref = random_reference(3, 4)
+    fast = fm.FastSoftMoE.from_reference(ref).eval()
+    x = torch.rand(3, 3, 16, 16)
+    want = ref.eval()(x)
+    got64 = copy.deepcopy(fast).double()(x.double())
+    assert got64.dtype == torch.float64 and rel_err(got64, want) <= TOL
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # autocast casts fp16/bf16/fp32 per op
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            got = fast(x.to(dtype))
+            assert 0 < rel_err(got.float(), want) <= 5e-2, dtype
+        with pytest.raises(TypeError, match="images have dtype torch.float64"):  # autocast leaves fp64 alone
+            fast(x.double())
+
+
+@pytest.mark.parametrize("cls,kw", [(fm.ReferenceSoftMoE, {}), (fm.FastSoftMoE, dict(executor="grouped")),
+                                    (fm.FastSoftMoE, dict(executor="loop", backend="triton")),
+                                    (fm.FastSoftMoE, dict(executor="auto", mix="probs"))])
+def test_empty_batch_eval_gives_empty_outputs(cls, kw):
+    moe = cls(num_experts=3, num_classes=7, width=4, **kw).eval()
+    x = torch.rand(0, 3, 16, 16, requires_grad=True)
+    out = moe(x, return_details=True)
+    assert out.logits.shape == (0, 7) and out.expert_logits.shape == (0, 3, 7) and out.gate_weights.shape == (0, 3)
+    assert all(t.dtype == torch.float32 for t in out)
+    out.logits.sum().backward()
+    assert x.grad.shape == x.shape
+    assert moe.experts_forward(torch.rand(0, 2, 3, 16, 16), experts=(1, 3)).shape == (0, 2, 7)
+    assert moe.experts_forward(torch.rand(0, 3, 16, 16), experts="pgd").shape == (0, 1, 7)
+
+
+@pytest.mark.parametrize("cls", TWINS)
+def test_empty_batch_in_train_mode_is_refused(cls):
+    moe = cls(num_experts=3, width=4).train()
+    before = {k: v.clone() for k, v in moe.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"{cls.__name__} got an empty batch \(B=0\) in training mode"):
+        moe(torch.rand(0, 3, 16, 16))
+    with pytest.raises(ValueError, match="empty batch"):
+        moe.experts_forward(torch.rand(0, 3, 16, 16))
+    for k, v in moe.state_dict().items():
+        assert torch.equal(v, before[k]), k  # no NaN running statistics
+
+
+def test_shared_names_come_from_constants():
+    from fastmoe_adv import constants, grouped, moe
+    for name in ("CIFAR10_MEAN", "CIFAR10_STD", "MIX_MODES", "BACKENDS", "ROLES"):
+        assert getattr(moe, name) is getattr(constants, name), name
+    assert grouped.EXECUTORS is constants.EXECUTORS
