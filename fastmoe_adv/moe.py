@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from . import checks
 from .constants import BACKENDS, CIFAR10_MEAN, CIFAR10_STD, MIX_MODES, ROLES
+from .fold import FoldedExperts
 from .gate import Gate
 from .grouped import GroupedResNet18, _check_executor, _parse_experts
 from .kernels import gated_mix
@@ -134,6 +135,10 @@ class FastSoftMoE(_SoftMoEBase):
             Also an attribute: hot loops that feed images they produced themselves (attack steps,
             training batches from a checked loader) may set ``model.check_inputs = False``.
             Shape and dtype are checked either way (those checks are free).
+        fold_bn: in eval mode, run the experts with every BatchNorm folded into its convolution
+            (``fastmoe_adv.fold``; refolded whenever a weight or statistic changed). Same function up to
+            fp32 rounding, for attacks and evaluation: gradients reach the input but not the experts'
+            conv/BatchNorm parameters. Off by default; an attribute, also set by ``fold.folded(model)``.
 
     Inputs must have the model's dtype (``model.double()`` for fp64 input), except under
     ``torch.autocast``, which casts per operation. An empty batch gives empty outputs in eval
@@ -143,12 +148,23 @@ class FastSoftMoE(_SoftMoEBase):
     def __init__(self, num_experts: int = 9, num_classes: int = 10, width: int = 64,
                  mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD, mix: str = "logits",
                  backend: str = "auto", executor: str = "auto", temperature: float = 1.0,
-                 roles: Sequence[str] | None = None, gate_hidden: int = 16, check_inputs: bool = True):
+                 roles: Sequence[str] | None = None, gate_hidden: int = 16, check_inputs: bool = True,
+                 fold_bn: bool = False):
         backend = checks.check_choice("backend", backend, BACKENDS)
         super().__init__(num_experts, num_classes, width, mean, std, mix, temperature, roles, gate_hidden,
                          check_inputs, fused_mix=True)
         self.backend = backend
         self.experts = GroupedResNet18(num_experts, num_classes, width, _check_executor(executor))
+        self.fold_bn = bool(fold_bn)
+        self._folded = None   # FoldedExperts, built on first folded use
+
+    def _expert_engine(self):
+        """What runs the experts: the folded engine when ``fold_bn`` is on and the experts are in eval mode."""
+        if not (self.fold_bn and not self.experts.training):
+            return self.experts
+        if self._folded is None or self._folded.engine is not self.experts:
+            self._folded = FoldedExperts(self.experts)
+        return self._folded
 
     @property
     def executor(self) -> str:
@@ -161,7 +177,7 @@ class FastSoftMoE(_SoftMoEBase):
     def forward(self, x, return_details: bool = False):
         self._check_image(x)
         xn = self.normalize(x)
-        expert_logits = self.experts(xn)                   # [B, E, K]
+        expert_logits = self._expert_engine()(xn)          # [B, E, K]
         # Under autocast the two may come out in different dtypes; the mix accumulates in fp32 anyway.
         gate_logits = self.gate(xn).to(expert_logits.dtype)  # [B, E]
         logits, weights = gated_mix(expert_logits, gate_logits, mode=self.mix, temperature=self.temperature,
@@ -177,7 +193,7 @@ class FastSoftMoE(_SoftMoEBase):
         ``forward``."""
         lo, hi = self._expert_range(experts)
         self._check_image(x, hi - lo)
-        return self.experts(self.normalize(x), experts=(lo, hi))
+        return self._expert_engine()(self.normalize(x), experts=(lo, hi))
 
     def load_experts(self, state_dicts):
         """Load E ordinary ``ResNet18`` state_dicts (torchvision key names)."""
