@@ -18,9 +18,9 @@ from .attacks import (
     _check_number,
     _num_classes,
     _per_sample,
+    attack_mode,
     check_loss,
     check_norm,
-    eval_mode,
     loss_and_grad,
     project,
 )
@@ -187,7 +187,7 @@ def apgd(model, x, y, eps, steps=100, restarts=1, norm="Linf", loss="ce", rho=AP
     eps, steps, restarts, norm, rho, momentum = _check_common(model, x, y, eps, steps, restarts, norm, rho,
                                                               momentum)
     loss = check_loss(loss, model)
-    with eval_mode(model):
+    with attack_mode(model):
         x, y = _check_inputs(model, x, y)
         if x.shape[0] == 0:
             return x.clone()
@@ -210,7 +210,7 @@ def apgd_targeted(model, x, y, eps, steps=100, n_targets=9, restarts=1, norm="Li
     eps, steps, restarts, norm, rho, momentum = _check_common(model, x, y, eps, steps, restarts, norm, rho,
                                                               momentum)
     n_targets = _check_number("n_targets", n_targets, integer=True, minimum=1)
-    with eval_mode(model):
+    with attack_mode(model):
         x, y = _check_inputs(model, x, y)
         if x.shape[0] == 0:
             return x.clone()

@@ -41,8 +41,8 @@ from .constants import ATTACK_KINDS
 from .grouped import _parse_experts
 from .kernels import fgsm_step, pgd_random_start, pgd_step, pgd_step_
 
-__all__ = ["fgsm", "pgd", "attack_experts", "ExpertAttackPlan", "make_plan", "eval_mode", "ATTACK_KINDS",
-           "NORMS", "LOSSES", "project", "attack_loss", "dlr_loss", "dlr_targeted_loss", "check_number",
+__all__ = ["fgsm", "pgd", "attack_experts", "ExpertAttackPlan", "make_plan", "eval_mode", "attack_mode",
+           "ATTACK_KINDS", "NORMS", "LOSSES", "project", "attack_loss", "dlr_loss", "dlr_targeted_loss", "check_number",
            "check_images", "check_labels", "check_label_range", "check_norm", "check_loss", "logits_of",
            "num_classes_of", "input_grad"]
 
@@ -143,6 +143,24 @@ def eval_mode(model: torch.nn.Module):
     finally:
         for m, training in modes:
             m.training = training
+
+
+@contextlib.contextmanager
+def attack_mode(model: torch.nn.Module):
+    """``eval_mode`` plus the models' own per-forward pixel-range check switched off
+    (``check_inputs=False`` on every submodule that has the switch; restored on exit).
+
+    The attack checks its images once; every iterate is then in the box by construction, and the
+    model's check would read the device on every step (a host sync per forward)."""
+    switched = [(m, m.check_inputs) for m in model.modules() if isinstance(getattr(m, "check_inputs", None), bool)]
+    with eval_mode(model):
+        try:
+            for m, _ in switched:
+                m.check_inputs = False
+            yield model
+        finally:
+            for m, flag in switched:
+                m.check_inputs = flag
 
 
 def _input_grad(forward, x, loss_fn):
@@ -330,7 +348,7 @@ def fgsm(model, x, y, eps):
         adversarial images, same shape/dtype as x, detached.
     """
     eps = _check_number("eps", eps)
-    with eval_mode(model):
+    with attack_mode(model):
         x, y = _check_inputs(model, x, y)
         if x.shape[0] == 0:
             return x.clone()
@@ -373,7 +391,7 @@ def pgd(model, x, y, eps, alpha, steps, random_start=True, restarts=1, generator
     steps = _check_number("steps", steps, integer=True)
     restarts = _check_number("restarts", restarts, integer=True, minimum=1)
     norm, loss = check_norm(norm), check_loss(loss, model)
-    with eval_mode(model):
+    with attack_mode(model):
         x, y = _check_inputs(model, x, y)
         if x.shape[0] == 0:
             return x.clone()
@@ -540,7 +558,7 @@ def attack_experts(model, x, y, plan: ExpertAttackPlan, generator=None):
 
     if b == 0:
         return x_nat.clone()
-    with eval_mode(model):
+    with attack_mode(model):
         _check_label_range(y_e, _num_classes(model, x_nat[:1, 0]), name="y")
         if plan.random_start and "pgd" in plan.kinds:
             start_eps = torch.tensor([e if k == "pgd" else 0.0 for k, e in zip(plan.kinds, eps)],

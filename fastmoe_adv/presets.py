@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from .apgd import apgd, apgd_targeted
-from .attacks import _check_inputs, _check_number, check_norm, eval_mode, logits_of, supports_details
+from .attacks import _check_inputs, _check_number, attack_mode, check_norm, logits_of, supports_details
 from .constants import DEFAULT_EPS
 from .square import square
 
@@ -167,7 +167,7 @@ def run_preset(model, x, y, preset="standard", eps=DEFAULT_EPS, norm="Linf", see
         batch_size = _check_number("batch_size", batch_size, integer=True, minimum=1)
     stage_list = preset_stages(preset) if stages is None else list(stages)
     generator = torch.Generator(device=x.device if isinstance(x, torch.Tensor) else "cpu").manual_seed(seed)
-    with eval_mode(model):
+    with attack_mode(model):
         x, y = _check_inputs(model, x, y)
         with torch.no_grad():
             robust = (logits_of(model(x)).argmax(dim=1) == y if x.shape[0]
@@ -214,7 +214,7 @@ def _run_autoattack(model, x, y, eps, norm, preset, seed, batch_size):
         adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = QUICK_STEPS
         adversary.apgd_targeted.n_target_classes = QUICK_TARGETS
     start = time.perf_counter()
-    with eval_mode(model):
+    with attack_mode(model):
         adv = adversary.run_standard_evaluation(x, y, bs=batch_size or max(1, x.shape[0]))
         with torch.no_grad():
             robust = logits_of(model(adv)).argmax(dim=1) == y

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .attacks import _check_inputs, _check_number, _per_sample, check_norm, eval_mode, logits_of
+from .attacks import _check_inputs, _check_number, _per_sample, attack_mode, check_norm, logits_of
 from .kernels import pgd_step
 
 __all__ = ["square", "square_p", "margin"]
@@ -98,7 +98,7 @@ def square(model, x, y, eps, n_queries=5000, p_init=0.8, generator=None, norm="L
         raise ValueError(f"p_init: expected a fraction in (0, 1], got {p_init}")
     if check_norm(norm) != "Linf":
         raise ValueError(f"square: only norm='Linf' is implemented, got {norm!r}")
-    with eval_mode(model), torch.no_grad():
+    with attack_mode(model), torch.no_grad():
         x, y = _check_inputs(model, x, y)
         out = x.clone()
         if x.shape[0] == 0:

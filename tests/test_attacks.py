@@ -458,3 +458,158 @@ def test_bad_plans_raise_value_error():
         A.make_plan(["pgd"], fgsm_eps=0.1, pgd_steps=2.5)  # never silently truncated
     with pytest.raises(ValueError, match="eps"):
         A.make_plan(["fgsm"], fgsm_eps=[-0.1], pgd_steps=3)
+
+
+# ----------------------------------------------------------------------------- L2 and the projections
+def test_pgd_l2_matches_torchattacks():
+    torchattacks = pytest.importorskip("torchattacks")
+    model = small_cnn().eval()
+    x, y = data()
+    theirs = torchattacks.PGDL2(model, eps=0.5, alpha=0.1, steps=5, random_start=False)(x, y)
+    # torchattacks divides by ||g|| + 1e-10, we by max(||g||, 1e-12): equal up to fp32 rounding.
+    torch.testing.assert_close(A.pgd(model, x, y, 0.5, 0.1, 5, random_start=False, norm="L2"), theirs,
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("norm,eps", [("Linf", 0.03), ("L2", 0.4)])
+def test_pgd_norms_stay_in_ball_and_raise_the_loss(norm, eps):
+    model = small_cnn().eval()
+    x, y = data(b=8)
+    out = A.pgd(model, x, y, eps, eps / 4, 5, norm=norm, restarts=2, generator=torch.Generator().manual_seed(1))
+    d = (out - x).flatten(1)
+    dist = d.abs().amax(1) if norm == "Linf" else d.norm(dim=1)
+    assert (dist <= eps + 1e-5).all() and out.min() >= 0 and out.max() <= 1
+    with torch.no_grad():
+        assert F.cross_entropy(model(out), y) > F.cross_entropy(model(x), y)
+
+
+@settings(max_examples=40, deadline=None)
+@given(norm=st.sampled_from(["Linf", "L2"]), eps=st.floats(0, 2), scale=st.floats(0, 3), per_sample=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_projection_properties(norm, eps, scale, per_sample, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(3, 3, 4, 4, generator=g)
+    x[0, 0, 0, :2] = torch.tensor([0.0, 1.0])  # pixels on the box edges
+    radius = torch.rand(3, generator=g) * eps if per_sample else eps
+    r = radius if per_sample else torch.full((3,), eps)
+    z = x + scale * torch.randn(x.shape, generator=g)  # anywhere, also outside the box
+    p = A.project(z, x, radius, norm)
+
+    def dist(a):
+        d = (a - x).flatten(1)
+        return d.abs().amax(1) if norm == "Linf" else d.norm(dim=1)
+
+    assert (dist(p) <= r * (1 + 1e-5) + 1e-6).all()
+    assert p.min() >= 0 and p.max() <= 1
+    torch.testing.assert_close(A.project(p, x, radius, norm), p, atol=1e-6, rtol=0)  # idempotent
+    # A point already inside the ball and the box stays where it is.
+    direction = torch.randn(x.shape, generator=g)
+    size = direction.flatten(1).abs().amax(1) if norm == "Linf" else direction.flatten(1).norm(dim=1)
+    inside = (x + direction * (0.5 * r / size.clamp_min(1e-12)).view(-1, 1, 1, 1)).clamp(0, 1)
+    torch.testing.assert_close(A.project(inside, x, radius, norm), inside, atol=1e-6, rtol=0)
+    if norm == "Linf":
+        assert torch.equal(A.project(inside, x, radius, norm), inside)
+
+
+# ----------------------------------------------------------------------------- losses
+def test_dlr_losses_by_hand():
+    z = torch.tensor([[1.0, 5.0, 3.0, 2.0], [1.0, 5.0, 3.0, 2.0]])
+    y = torch.tensor([0, 1])
+    # y=0 is not the top class: -(1 - 5) / (5 - 2); y=1 is: -(5 - 3) / (5 - 2).
+    torch.testing.assert_close(A.dlr_loss(z, y), torch.tensor([4 / 3, -2 / 3]))
+    # targeted, y=1 towards t=2: -(5 - 3) / (5 - (2 + 1) / 2)
+    torch.testing.assert_close(A.dlr_targeted_loss(z[1:], y[1:], torch.tensor([2])), torch.tensor([-2 / 3.5]))
+
+
+@pytest.mark.parametrize("loss", ["dlr", "moe_ce", "moe_gate"])
+def test_pgd_other_losses_on_mixture_fast_equals_reference(loss):
+    moe, ref = small_moe()
+    x, y = data(b=3)
+    ours = A.pgd(moe, x, y, 0.03, 0.01, 3, random_start=False, loss=loss)
+    torch.testing.assert_close(ours, A.pgd(ref, x, y, 0.03, 0.01, 3, random_start=False, loss=loss),
+                               atol=1e-5, rtol=0)
+    assert (ours - x).abs().max() <= 0.03 + 1e-6
+    with torch.no_grad():
+        assert A.attack_loss(ref, ours, y, loss)[0].sum() > A.attack_loss(ref, x, y, loss)[0].sum()
+
+
+def test_moe_losses_refused_on_plain_models():
+    x, y = data(b=2)
+    for loss in ("moe_ce", "moe_gate"):
+        with pytest.raises(ValueError, match="return_details"):
+            A.pgd(small_cnn(), x, y, 0.03, 0.01, 1, loss=loss)
+    with pytest.raises(ValueError, match="loss"):
+        A.pgd(small_cnn(), x, y, 0.03, 0.01, 1, loss="cw")
+    with pytest.raises(ValueError, match="norm"):
+        A.pgd(small_cnn(), x, y, 0.03, 0.01, 1, norm="L1")
+
+
+# ----------------------------------------------------------------------------- empty batches, host syncs
+def test_empty_batch_gives_empty_result():
+    moe, _ = small_moe()
+    x, y = torch.rand(0, 3, 8, 8), torch.zeros(0, dtype=torch.long)
+    assert A.fgsm(moe, x, y, 0.03).shape == (0, 3, 8, 8)
+    for kw in ({}, {"restarts": 2}, {"norm": "L2"}, {"loss": "moe_gate"}):
+        assert A.pgd(moe, x, y, 0.03, 0.01, 2, **kw).shape == (0, 3, 8, 8)
+    plan = A.make_plan(moe.roles, 0.02, [1, 2])
+    assert A.attack_experts(moe, x, y, plan).shape == (0, 5, 3, 8, 8)
+    assert A.attack_experts(moe, torch.rand(0, 5, 3, 8, 8), torch.zeros(0, 5, dtype=torch.long), plan).shape == \
+        (0, 5, 3, 8, 8)
+
+
+def test_sync_counter_sees_a_per_step_sync():
+    class Syncing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = small_cnn().eval()
+
+        def forward(self, x):
+            out = self.inner(x)
+            if out.abs().sum().item() < 0:  # a host sync on every call
+                raise AssertionError
+            return out
+
+    x, y = data(b=2)
+    counts = []
+    for steps in (1, 4):
+        with SyncCounter() as c:
+            A.pgd(Syncing(), x, y, 0.03, 0.01, steps)
+        counts.append(c.count)
+    assert counts[1] == counts[0] + 3
+
+
+@pytest.mark.parametrize("which", ["pgd", "pgd_l2_dlr", "pgd_moe_restarts", "experts"])
+def test_no_host_sync_inside_attack_loops(which):
+    moe, _ = small_moe()
+    x, y = data(b=2)
+
+    def attack(steps):
+        if which == "pgd":
+            A.pgd(moe, x, y, 0.03, 0.01, steps)
+        elif which == "pgd_l2_dlr":
+            A.pgd(moe, x, y, 0.3, 0.1, steps, norm="L2", loss="dlr")
+        elif which == "pgd_moe_restarts":
+            A.pgd(moe, x, y, 0.03, 0.01, steps, loss="moe_gate", restarts=2)
+        else:
+            A.attack_experts(moe, x, y, A.make_plan(moe.roles, 0.02, steps))
+
+    counts = []
+    for steps in (1, 4):
+        with SyncCounter() as c:
+            attack(steps)
+        counts.append((c.count, c.calls))
+    assert counts[0][0] == counts[1][0], counts
+
+
+def test_attack_mode_switches_the_models_pixel_check_off_and_back_on():
+    moe, _ = small_moe()
+    assert moe.check_inputs
+    seen = []
+    hook = moe.register_forward_pre_hook(lambda mod, inp: seen.append(mod.check_inputs))
+    x, y = data(b=2)
+    A.pgd(moe, x, y, 0.03, 0.01, 2)
+    hook.remove()
+    assert seen and not any(seen) and moe.check_inputs
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):  # the attack's own one-time check still refuses
+        A.pgd(moe, x * 2, y, 0.03, 0.01, 2)
+    assert moe.check_inputs

@@ -369,3 +369,52 @@ def test_backend_auto_falls_back_without_interpreter(monkeypatch):
 
 def test_kernels_compile_for_sm90(tmp_path):
     assert_kernels_compile_for_sm90("pgd_step", tmp_path)
+
+
+# ---------------------------------------------------------------- validate=False and NaN gradients
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("kind,shape", CASES)
+def test_prevalidated_path_matches_validated(kind, shape, backend):
+    x_adv, grad, x_nat = _triple(shape)
+    alpha, eps = _bounds(kind, shape)
+    want = pgd_step(x_adv, grad, x_nat, alpha, eps, backend=backend)
+    _assert_same(pgd_step(x_adv, grad, x_nat, alpha, eps, backend=backend, validate=False), want)
+    inplace = x_adv.clone()
+    pgd_step_(inplace, grad, x_nat, alpha, eps, backend=backend, validate=False)
+    _assert_same(inplace, want)
+    _assert_same(fgsm_step(x_nat, grad, eps, backend=backend, validate=False),
+                 fgsm_step(x_nat, grad, eps, backend=backend))
+    g = torch.Generator().manual_seed(3)
+    start = pgd_random_start(x_nat, eps, backend=backend, validate=False, generator=g)
+    _assert_same(start, pgd_random_start(x_nat, eps, backend=backend, generator=torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "twin"])
+def test_nan_gradient_is_refused_when_validated(backend):
+    x_adv, grad, x_nat = _triple((4, 3, 2, 2))
+    grad[1, 2, 0, 1] = float("nan")
+    with pytest.raises(ValueError, match="grad: expected no NaN entries.*got 1 NaN"):
+        _step(backend)(x_adv, grad, x_nat, 0.1, 0.2)
+    with pytest.raises(ValueError, match="grad: expected no NaN"):
+        fgsm_step(x_nat, grad, 0.1, backend="torch" if backend == "twin" else backend)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_nan_gradient_without_validation_means_no_step_on_both_backends(backend):
+    x_adv, grad, x_nat = _triple((4, 3, 2, 2), zero_frac=0.0)
+    nan_at = torch.rand(grad.shape) < 0.3
+    grad[nan_at] = float("nan")
+    out = pgd_step(x_adv, grad, x_nat, 0.01, 0.05, backend=backend, validate=False)
+    want = pgd_step(x_adv, torch.where(nan_at, torch.zeros_like(grad), grad), x_nat, 0.01, 0.05, backend="torch")
+    assert nan_at.any() and torch.equal(out, want)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_fgsm_step_names_eps(backend):
+    x = torch.rand(4, 3)
+    for bad in (float("nan"), -0.1, float("inf")):
+        with pytest.raises(ValueError, match=r"^eps: expected a finite float >= 0"):
+            fgsm_step(x, torch.randn(4, 3), bad, backend=backend)
+    with pytest.raises(ValueError, match=r"^eps: expected every entry"):
+        fgsm_step(x, torch.randn(4, 3), torch.tensor([0.1, float("nan"), 0.1, 0.1]), backend=backend)
