@@ -1,4 +1,5 @@
-"""PGD-10 against the whole mixture, images/s, side by side in one group per size.
+"""PGD-10 and APGD-CE against the whole mixture, images/s, side by side in one group per size.
+Every row records the model it attacks (``model``: FastSoftMoE or ReferenceSoftMoE).
 
 - ``fastmoe-auto``: ``fm.attacks.pgd`` on ``FastSoftMoE(backend="auto", executor="auto")``
   (fused ``pgd_step``, grouped experts, the executor auto picks; the row records the pick);
@@ -8,7 +9,13 @@
   ``ReferenceSoftMoE`` twin with the same weights: the group's reference row;
 - ``torchattacks``: ``torchattacks.PGD`` on the ``ReferenceSoftMoE``, when it imports.
 
-All rows: eps 8/255, alpha 2/255, random start, eval mode (what ``fm.attacks.pgd`` does).
+PGD rows: eps 8/255, alpha 2/255, random start, eval mode (what ``fm.attacks.pgd`` does).
+
+APGD-CE rows (100 iterations, 5 in quick mode; eps 8/255, one restart, eval mode):
+- ``fastmoe-apgd``: ``fastmoe_adv.apgd.apgd`` on ``FastSoftMoE`` (fused step, grouped experts);
+- ``torchattacks-apgd``: ``torchattacks.APGD`` on the ``ReferenceSoftMoE`` with the same weights and
+  images, the group's reference row, when torchattacks imports.
+Both rows also record the robust accuracy their examples leave (labels: the clean predictions).
 """
 import importlib
 
@@ -16,8 +23,10 @@ import pytest
 import torch
 from bench_utils import QUICK, eager_pgd, expert_flops, models, run, skip_on_oom, skip_unless_device
 
+from fastmoe_adv.constants import DEFAULT_ALPHA, DEFAULT_EPS
+
 E, K, HW = 9, 10, 32
-EPS, ALPHA = 8 / 255, 2 / 255
+EPS, ALPHA = DEFAULT_EPS, DEFAULT_ALPHA
 STEPS = 2 if QUICK else 10
 # (device, width, batch, precision)
 CONFIGS = [("cpu", 4, 4, "fp32"), ("cuda", 4, 4, "bf16")] if QUICK else \
@@ -57,6 +66,7 @@ def test_pgd(benchmark, cfg, path):
     if path == "reference":
         attack = lambda: eager_pgd(ref, x, y, EPS, ALPHA, STEPS)  # noqa: E731
         info["executor"] = "modulelist"
+        info["model"] = type(ref).__name__
     elif path == "torchattacks":
         try:
             torchattacks = importlib.import_module("torchattacks")
@@ -65,6 +75,7 @@ def test_pgd(benchmark, cfg, path):
         atk = torchattacks.PGD(ref, eps=EPS, alpha=ALPHA, steps=STEPS, random_start=True)
         attack = lambda: atk(x, y)  # noqa: E731
         info["executor"] = "modulelist"
+        info["model"] = type(ref).__name__
         info["torchattacks_version"] = getattr(torchattacks, "__version__", "?")
     else:
         executor = path.split("-", 1)[1]
@@ -72,6 +83,7 @@ def test_pgd(benchmark, cfg, path):
         attack = lambda: attacks.pgd(fast, x, y, EPS, ALPHA, STEPS, random_start=True, generator=gen)  # noqa: E731
         info["executor"] = executor
         info["backend"] = fast.backend
+        info["model"] = type(fast).__name__
 
     def step():
         with torch.autocast(device, dtype=torch.bfloat16, enabled=prec == "bf16"):
@@ -94,3 +106,65 @@ def _auto_pick(fast, x, prec, device):
     with torch.autocast(device, dtype=torch.bfloat16, enabled=prec == "bf16"), torch.enable_grad():
         decision = autotune.decide(fast.experts, xn)
     return decision.executor, decision.reason
+
+
+APGD_STEPS = 5 if QUICK else 100
+# (device, width, batch, precision): 100 APGD iterations are ten PGD-10 calls, so the CPU row is smaller.
+APGD_CONFIGS = [("cpu", 4, 4, "fp32"), ("cuda", 4, 4, "bf16")] if QUICK else \
+               [("cpu", 4, 8, "fp32"), ("cuda", 64, 256, "fp32"), ("cuda", 64, 256, "bf16")]
+APGD_PATHS = ("torchattacks-apgd", "fastmoe-apgd")
+
+
+def _apgd_rows():
+    out = []
+    for cfg in APGD_CONFIGS:
+        for path in APGD_PATHS:
+            marks = [pytest.mark.cuda] if cfg[0] == "cuda" else []
+            out.append(pytest.param(cfg, path, marks=marks, id=f"{cfg[0]}-w{cfg[1]}-b{cfg[2]}-{cfg[3]}-{path}"))
+    return out
+
+
+@pytest.mark.parametrize("cfg, path", _apgd_rows())
+def test_apgd(benchmark, cfg, path):
+    device, width, batch, prec = cfg
+    skip_unless_device(device)
+    apgd_mod = importlib.import_module("fastmoe_adv.apgd")
+    layout = "cl" if device == "cuda" else "nchw"
+    ref, fast = models(device, width, layout, E, K)
+    ref.eval(), fast.eval()
+    fast.executor = "auto"
+    x = torch.rand(batch, 3, HW, HW, device=device, generator=torch.Generator(device=device).manual_seed(1))
+    if layout == "cl":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        y = ref(x).argmax(1)  # clean predictions: the robust accuracy starts at 100%
+    info = {"width": width, "batch": batch, "experts": E, "precision": prec, "steps": APGD_STEPS, "eps": EPS,
+            "layout": layout, "loss": "ce", "restarts": 1}
+    if path == "torchattacks-apgd":
+        try:
+            torchattacks = importlib.import_module("torchattacks")
+        except Exception as exc:  # noqa: BLE001 (ImportError, or a broken install)
+            pytest.skip(f"torchattacks not importable: {type(exc).__name__}: {exc}")
+        atk = torchattacks.APGD(ref, eps=EPS, steps=APGD_STEPS, loss="ce", seed=0)
+        attack = lambda: atk(x, y)  # noqa: E731
+        model = ref
+        info["torchattacks_version"] = getattr(torchattacks, "__version__", "?")
+    else:
+        attack = lambda: apgd_mod.apgd(fast, x, y, EPS, APGD_STEPS,  # noqa: E731
+                                       generator=torch.Generator(device=device).manual_seed(0))
+        model = fast
+        info["backend"] = fast.backend
+    info["model"] = type(model).__name__
+
+    def step():
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=prec == "bf16"):
+            return attack()
+
+    with skip_on_oom(device):
+        x_adv = step()  # warm-up, untimed; its examples give the row's robust accuracy
+        with torch.no_grad():
+            info["robust_accuracy"] = float((ref(x_adv).argmax(1) == y).float().mean())
+        # APGD runs two forward/backward passes' worth per iteration at most; count one, as the PGD rows.
+        run(benchmark, step, device=device, group=f"attack apgd-ce-{APGD_STEPS} {device} w{width} b{batch} {prec}",
+            path=path, images=batch, flops=expert_flops(width, HW, HW, batch, E, "fwd+bwd-input") * APGD_STEPS,
+            reference=path == "torchattacks-apgd", rounds_full=3, warmup=0, **info)
