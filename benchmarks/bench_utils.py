@@ -9,14 +9,13 @@ Environment (read here):
 """
 import contextlib
 import os
-import platform
 import statistics
 import time
 
 import pytest
 import torch
 
-from fastmoe_adv.reporting import cpu_model  # noqa: F401  (re-exported for the benchmark files)
+from fastmoe_adv.reporting import cpu_model, environment  # noqa: F401  (cpu_model: for the benchmark files)
 
 QUICK = os.environ.get("FASTMOE_BENCH_QUICK", "0") == "1"
 DEVICES = os.environ.get("FASTMOE_BENCH_DEVICE", "all").lower()
@@ -67,13 +66,9 @@ def device_name(device: str) -> str:
 
 
 def versions() -> dict:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception as exc:  # noqa: BLE001 (a broken triton is still worth reporting)
-        triton_version = f"unavailable ({type(exc).__name__})"
-    return {"torch": torch.__version__, "triton": triton_version, "python": platform.python_version(),
-            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if cuda_ok() else None}
+    """The library's one environment description, reduced to what a benchmark row needs."""
+    env = environment("cuda" if cuda_ok() else "cpu")
+    return {k: env[k] for k in ("torch", "triton", "python", "cuda", "cudnn")}
 
 
 def sync(device: str):

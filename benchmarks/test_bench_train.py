@@ -4,27 +4,28 @@ Phase 1 (expert pre-training), one step = nine experts on their own streams ``x 
 attack every expert against itself by its role (clean / FGSM eps 0.03 / PGD), one forward/
 backward on the adversarial streams (loss: sum over experts of each one's mean CE), one SGD step.
 - ``fastmoe``: ``fastmoe_adv.train.phase1_step`` (``attacks.attack_experts``: all experts in one
-  grouped pass per attack step) on ``FastSoftMoE(executor="auto")``; composed from
-  ``attacks.attack_experts`` + an SGD step if train.py has no step function;
+  grouped pass per attack step) on ``FastSoftMoE(executor="auto")``;
 - ``reference``: the nine ``ResNet18`` of the ``ReferenceSoftMoE`` twin, one after another, each
   attacked with the eager FGSM/PGD of ``bench_utils`` and trained on its own stream; one SGD step.
 Images per step: B*E (every expert's stream).
 
 Phase 2 (joint training), one step = PGD against the whole mixture, then CE on the mixture's
 output and one SGD step over experts and gate.
-- ``fastmoe``: ``fastmoe_adv.train.phase2_step`` (or ``attacks.pgd`` + SGD);
+- ``fastmoe``: ``fastmoe_adv.train.phase2_step``;
 - ``reference``: eager PGD on ``ReferenceSoftMoE`` + SGD.
 Images per step: B.
 
 PGD step counts are tiny on CPU (2; 1 in quick mode), 10 on CUDA.
 """
-import importlib
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from bench_utils import QUICK, eager_fgsm, eager_pgd, expert_flops, models, run, skip_on_oom, skip_unless_device
+
+from fastmoe_adv import attacks
+from fastmoe_adv.train import Phase2Attack, TrainConfig, phase1_step, phase2_step
+from fastmoe_adv.train.steps import ExpertsNet
 
 E, K, HW = 9, 10, 32
 FGSM_EPS, PGD_EPS, PGD_ALPHA = 0.03, 8 / 255, 2 / 255
@@ -45,13 +46,6 @@ def _rows():
     return out
 
 
-def _import(name):
-    try:
-        return importlib.import_module(name)
-    except ImportError as exc:
-        pytest.skip(f"{name} not importable yet: {exc}")
-
-
 class _Expert(nn.Module):
     """Expert ``e`` of a ``ReferenceSoftMoE`` on raw [0, 1] images."""
 
@@ -61,17 +55,6 @@ class _Expert(nn.Module):
 
     def forward(self, x):
         return self.moe.experts[self.e](self.moe.normalize(x))
-
-
-class _Experts(nn.Module):
-    """The experts of a mixture as one module (what phase 1 trains)."""
-
-    def __init__(self, moe):
-        super().__init__()
-        self.moe = moe
-
-    def forward(self, x):
-        return self.moe.experts_forward(x)
 
 
 def _sgd(params):
@@ -103,29 +86,11 @@ def _phase1_reference(ref, prec, device, steps):
 
 
 def _phase1_fastmoe(fast, prec, device, steps, generator):
-    attacks = _import("fastmoe_adv.attacks")
-    train = _import("fastmoe_adv.train")
-    net = _Experts(fast)
+    net = ExpertsNet(fast)
     opt = _sgd(fast.experts.parameters())
     plan = attacks.make_plan(fast.roles, fgsm_eps=FGSM_EPS, pgd_steps=steps, pgd_eps=PGD_EPS, pgd_alpha=PGD_ALPHA)
-    step_fn = getattr(train, "phase1_step", None)
-    if step_fn is not None:
-        return (lambda x, y: step_fn(fast, net, opt, x, y, plan, generator=generator, bf16=prec == "bf16")), \
-            "train.phase1_step"
-
-    def composed(x, y):
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=prec == "bf16"):
-            x_adv = attacks.attack_experts(fast, x, y, plan, generator=generator)
-            net.train()
-            logits = net(x_adv)
-        b, e, k = logits.shape
-        loss = F.cross_entropy(logits.float().reshape(b * e, k), y.reshape(-1), reduction="none").view(b, e)
-        loss = loss.mean(0).sum()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-    return composed, "attacks.attack_experts + SGD (composed here)"
+    return (lambda x, y: phase1_step(fast, net, opt, x, y, plan, generator=generator, bf16=prec == "bf16")), \
+        "train.phase1_step"
 
 
 # ----------------------------------------------------------------------------- phase 2
@@ -145,28 +110,11 @@ def _phase2_reference(ref, prec, device, steps):
 
 
 def _phase2_fastmoe(fast, prec, device, steps, generator, layout_cl):
-    attacks = _import("fastmoe_adv.attacks")
-    train = _import("fastmoe_adv.train")
     opt = _sgd(fast.parameters())
-    step_fn = getattr(train, "phase2_step", None)
-    if step_fn is not None:
-        cfg = train.TrainConfig(width=fast.width, bf16=prec == "bf16", channels_last=layout_cl, pgd_eps=PGD_EPS,
-                                pgd_alpha=PGD_ALPHA)
-        attack_cls = getattr(train, "Phase2Attack", None)   # older train.py: a ("pgd", steps) tuple
-        attack = attack_cls("pgd", PGD_EPS, PGD_ALPHA, steps) if attack_cls else ("pgd", steps)
-        return (lambda x, y: step_fn(fast, fast, opt, x, y, attack, cfg, generator=generator)), \
-            "train.phase2_step"
-
-    def composed(x, y):
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=prec == "bf16"):
-            x_adv = attacks.pgd(fast, x, y, PGD_EPS, PGD_ALPHA, steps, random_start=True, generator=generator)
-            fast.train()
-            loss = F.cross_entropy(fast(x_adv).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-    return composed, "attacks.pgd + SGD (composed here)"
+    cfg = TrainConfig(width=fast.width, bf16=prec == "bf16", channels_last=layout_cl, pgd_eps=PGD_EPS,
+                      pgd_alpha=PGD_ALPHA)
+    attack = Phase2Attack("pgd", PGD_EPS, PGD_ALPHA, steps)
+    return (lambda x, y: phase2_step(fast, fast, opt, x, y, attack, cfg, generator=generator)), "train.phase2_step"
 
 
 # ----------------------------------------------------------------------------- the benchmark

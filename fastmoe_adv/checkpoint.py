@@ -11,7 +11,6 @@
   (``UnsafeCheckpointError``) from a corrupt one (``ValueError``).
 - ``capture_rng_state`` / ``restore_rng_state``: Python, numpy, torch CPU and CUDA generators as
   tensors and plain values, so they travel inside a weights-only checkpoint.
-- ``latest_checkpoint``: the checkpoint with the highest step number in its file name.
 """
 from __future__ import annotations
 
@@ -22,7 +21,6 @@ import io
 import os
 import pickletools
 import random
-import re
 import secrets
 import warnings
 import zipfile
@@ -31,11 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import CheckpointError, UserError
+
 __all__ = ["save_checkpoint", "load_checkpoint", "to_plain", "UnsafeCheckpointError", "capture_rng_state",
-           "restore_rng_state", "latest_checkpoint"]
+           "restore_rng_state"]
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(UserError, ValueError):
     """The checkpoint's pickle references code outside torch's weights-only allowlist: refused."""
 
 
@@ -194,7 +194,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
                 "torch.load(weights_only=False) only if you trust where it came from.") from None
         if isinstance(exc, RuntimeError) and "device" in str(exc) and "zip archive" not in str(exc):
             raise   # e.g. map_location names a device this machine lacks: not the file's fault
-        raise ValueError(f"checkpoint {path} is corrupt, truncated or not a torch checkpoint "
+        raise CheckpointError(f"checkpoint {path} is corrupt, truncated or not a torch checkpoint "
                          f"(torch.load failed: {type(exc).__name__}: {_short_reason(exc)})") from None
 
 
@@ -326,28 +326,3 @@ def restore_rng_state(state: dict) -> None:
         if available < len(cuda):
             warnings.warn(f"restore_rng_state: the state has {len(cuda)} CUDA generators, this machine "
                           f"{available} CUDA devices; the others were not restored", RuntimeWarning, stacklevel=2)
-
-
-# --------------------------------------------------------------------------------- finding
-def latest_checkpoint(directory, pattern: str = "*.pt") -> Path | None:
-    """The newest checkpoint in ``directory`` matching ``pattern``, or None (also when the folder
-    does not exist). "Newest" = highest step number in the file name (the last run of digits
-    in the stem, e.g. ``step_001200.pt`` -> 1200); files whose names hold no number rank below
-    all numbered ones; ties, and the unnumbered files among themselves, go by modification
-    time. Hidden files (save_checkpoint's temp files) are ignored."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    best, best_key = None, None
-    for p in directory.glob(pattern):
-        if p.name.startswith(".") or not p.is_file():
-            continue
-        digits = re.findall(r"\d+", p.stem)
-        try:
-            mtime = p.stat().st_mtime_ns
-        except FileNotFoundError:
-            continue
-        key = (bool(digits), int(digits[-1]) if digits else -1, mtime, p.name)
-        if best_key is None or key > best_key:
-            best, best_key = p, key
-    return best

@@ -1,49 +1,31 @@
-"""Command-line interface: ``fastmoe-adv`` / ``python -m fastmoe_adv``.
+"""Command-line interface: ``fastmoe-adv`` / ``python -m fastmoe_adv``: argument parsing and thin
+commands over the library (demo.py, train/, evaluate/).
 
-Subcommands:
-  demo       both phases on the embedded synthetic data at a tiny width, then the robustness of
-             the phase-1 experts (each alone) and of the final mixture; a few minutes on a CPU.
-  pretrain   phase 1: every expert on its own stream, per its role (clean / FGSM / PGD).
-  train      phase 2: experts and gate jointly, randomized adversarial training.
-  eval       white-box robustness of a checkpoint (clean, FGSM, PGD, eps curve, sanity checks).
-
-Errors a user can fix (missing dataset files or checkpoint, bad values, an unsafe checkpoint)
-print one line and exit with status 2; a training run stopped by SIGTERM / Ctrl-C writes a
-checkpoint and exits with 128 + the signal number.
+Errors a user can fix (bad values, missing or malformed files, an occupied output folder, an
+unsafe checkpoint, a full disk) print one line and exit with status 2; a diverged run exits
+with 3; a run stopped by SIGTERM / Ctrl-C writes a checkpoint and exits with 128 + the signal
+number. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import errno
 import sys
 import time
 import typing
 from pathlib import Path
 
-from .reporting import atomic_write_text, hardware_info, write_json
+from .constants import DEFAULT_ALPHA, DEFAULT_EPS
+from .errors import TrainingDiverged, UserError
 
-__all__ = ["main", "build_parser", "DEMO_CONFIG", "QUICK_DEMO_CONFIG"]
+__all__ = ["main", "build_parser"]
 
 PROG = "fastmoe-adv"
 
-# The demo: the embedded synthetic data, 3 experts (one per role: clean, FGSM, PGD) of width 8,
-# PGD step counts scaled by 0.1 ({10..50} -> {1..5}), attack strength ramped in over the first
-# half of each phase (eps_warmup; without it these tiny experts stay at chance under attack in a
-# CPU-minutes budget). Measured on 2 CPU cores: about 1.5 minutes (see the README / report).
-DEMO_CONFIG = dict(dataset="synthetic", train_size=2048, width=8, num_experts=3, batch_size=16, pretrain_epochs=4,
-                   train_epochs=1, lr=0.01, nesterov=True, schedule="onecycle", steps_scale=0.1, eps_warmup=0.5,
-                   eval_every=-1, eval_limit=256, checkpoint_every=128, log_every=16, backend="auto",
-                   executor="auto")
-DEMO_EVAL = dict(images=256, pgd_steps=20, batch_size=64, sanity=True)
-# --quick: the same pipeline, smaller (for the test suite; its numbers mean nothing).
-QUICK_DEMO_CONFIG = dict(DEMO_CONFIG, train_size=256, width=4, batch_size=32, pretrain_epochs=1, train_epochs=1,
-                         checkpoint_every=4, log_every=2)
-QUICK_DEMO_EVAL = dict(images=64, pgd_steps=2, batch_size=64, sanity=False)
 
-
-class CLIError(Exception):
-    """A user-facing error: one line, exit status 2."""
+class CLIError(UserError):
+    """A user-facing error raised by the CLI itself: one line, exit status 2."""
 
 
 # ============================================================================ arguments
@@ -63,63 +45,30 @@ def _optional_int(text):
     return None if text.lower() in ("none", "all", "") else int(text)
 
 
-def _field_comments() -> dict:
-    """TrainConfig's per-field comments (units and meaning), the single source of the flags' help."""
-    import inspect
-    import re
-
-    from .train import TrainConfig
-
-    comments, last = {}, None
-    for line in inspect.getsource(TrainConfig).splitlines():
-        m = re.match(r"\s{4}(\w+): [^=]+=[^#]*#\s*(.*)$", line)
-        if m:
-            last = m.group(1)
-            comments[last] = m.group(2).strip()
-        elif last and re.match(r"^\s+#\s*(.*)$", line) and not re.match(r"^\s{4}#\s--", line):
-            comments[last] += " " + re.match(r"^\s+#\s*(.*)$", line).group(1).strip()
-        else:
-            last = None
-    return comments
+_FLAG_TYPES = {"roles": _csv(str, "roles"), "fgsm_eps_set": _csv(float, "fgsm_eps_set"),
+               "pgd_steps_set": _csv(int, "pgd_steps_set"), "train_size": _optional_int, "data_dir": str}
 
 
 def _add_config_flags(parser):
     """One flag per TrainConfig field (``--batch-size``, ``--pgd-steps-set 10,20``, ``--bf16`` /
-    ``--no-bf16``); an absent flag keeps the TrainConfig default."""
+    ``--no-bf16``), its help from the field's metadata; an absent flag keeps the default."""
     from .train import TrainConfig
 
     hints = typing.get_type_hints(TrainConfig)
-    notes = _field_comments()
     group = parser.add_argument_group("training configuration (TrainConfig fields)")
-    skip = {"device", "seed"}   # common flags, added by _add_common
     for f in dataclasses.fields(TrainConfig):
-        if f.name in skip:
+        if f.name in ("device", "seed"):   # common flags, added by _add_common
             continue
-        flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        shown = list(default) if isinstance(default, tuple) else default
+        shown = list(f.default) if isinstance(f.default, tuple) else f.default
         shown = f"{shown:.6g}" if isinstance(shown, float) else repr(shown)
-        help_default = (notes[f.name] + "; " if f.name in notes else "") + f"default {shown}"
-        kwargs = dict(dest=f.name, default=None)
-        if f.name == "roles":
-            group.add_argument(flag, type=_csv(str, f.name), help="comma-separated roles per expert "
-                               "(clean,fgsm,pgd); default 1 clean, then FGSM, then PGD", **kwargs)
-        elif f.name == "fgsm_eps_set":
-            group.add_argument(flag, type=_csv(float, f.name), help=f"comma-separated; {help_default}", **kwargs)
-        elif f.name == "pgd_steps_set":
-            group.add_argument(flag, type=_csv(int, f.name), help=f"comma-separated; {help_default}", **kwargs)
-        elif f.name == "train_size":
-            group.add_argument(flag, type=_optional_int, help=help_default, **kwargs)
-        elif f.name == "data_dir":
-            group.add_argument(flag, type=str, help=help_default, **kwargs)
+        kwargs = dict(dest=f.name, default=None, help=f"{f.metadata['help']}; default {shown}")
+        if f.name in _FLAG_TYPES:
+            kwargs["type"] = _FLAG_TYPES[f.name]
         elif hints[f.name] is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_default, **kwargs)
-        elif hints[f.name] is int:
-            group.add_argument(flag, type=int, help=help_default, **kwargs)
-        elif hints[f.name] is float:
-            group.add_argument(flag, type=float, help=help_default, **kwargs)
+            kwargs["action"] = argparse.BooleanOptionalAction
         else:
-            group.add_argument(flag, type=str, help=help_default, **kwargs)
+            kwargs["type"] = hints[f.name] if hints[f.name] in (int, float) else str
+        group.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
 def _add_common(parser, out_default):
@@ -132,46 +81,63 @@ def _add_common(parser, out_default):
                         "choice; 1 is often fastest for tiny models on a busy machine)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description="Soft mixture of ResNet-18 experts for adversarial "
-                                "robustness (Divided We Fall): training and evaluation.")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
+def _add_run_flags(parser):
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (ends where an "
+                        "uninterrupted run would), or keep a finished phase")
+    parser.add_argument("--overwrite", action="store_true", help="replace a finished or interrupted phase in OUT "
+                        "(without it, OUT's results are never replaced)")
 
-    d = sub.add_parser("demo", help="both phases on synthetic data + robustness table (a few minutes on CPU)")
-    _add_common(d, "runs/demo")
-    d.add_argument("--quick", action="store_true", help="a much smaller demo (seconds; used by the tests)")
-    d.set_defaults(threads=None, demo_threads=1)
-    d.add_argument("--resume", action="store_true", help="continue an interrupted demo from OUT/last.pt")
 
-    for name, help_text in (("pretrain", "phase 1: expert pre-training, each expert on its own stream"),
-                            ("train", "phase 2: joint randomized adversarial training of experts and gate")):
-        s = sub.add_parser(name, help=help_text)
-        _add_common(s, "runs/fastmoe")
-        s.add_argument("--resume", action="store_true", help="continue from OUT/last.pt (ends where an "
-                       "uninterrupted run would)")
-        if name == "train":
-            s.add_argument("--init", default=None, help="phase-1 checkpoint to start from (default OUT/phase1.pt)")
-        _add_config_flags(s)
-
+def _add_eval_parser(sub):
     e = sub.add_parser("eval", help="white-box robustness of a checkpoint")
     _add_common(e, None)
     e.add_argument("--checkpoint", required=True, help="a .pt written by pretrain / train / demo")
-    e.add_argument("--dataset", default=None, help="cifar10 | svhn | synthetic (default: the checkpoint's)")
-    e.add_argument("--data-dir", default=None, help="dataset root")
+    e.add_argument("--dataset", default=None, help="cifar10 | svhn | synthetic | npz (default: the checkpoint's)")
+    e.add_argument("--data-dir", default=None, help="dataset root (or the .npz file); default: the checkpoint's")
     e.add_argument("--download", action="store_true", help="fetch the dataset files if missing")
-    e.add_argument("--limit", type=int, default=1000, help="test images evaluated (default 1000; 0: all)")
+    e.add_argument("--split", default="test", choices=("test", "holdout"), help="test (default) or the "
+                   "training run's holdout (validation; --holdout defaults to the checkpoint's)")
+    e.add_argument("--holdout", type=int, default=None, help="holdout size for --split holdout")
+    e.add_argument("--limit", type=int, default=1000, help="images evaluated (default 1000; 0: all)")
     e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--eps", type=float, default=8 / 255, help="FGSM / PGD eps (default 8/255)")
-    e.add_argument("--alpha", type=float, default=2 / 255, help="PGD step size (default 2/255)")
+    e.add_argument("--eps", type=float, default=DEFAULT_EPS, help="FGSM / PGD eps (default 8/255)")
+    e.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="PGD step size (default 2/255)")
     e.add_argument("--pgd-steps", type=int, default=20, help="PGD steps (default 20)")
     e.add_argument("--restarts", type=int, default=1, help="PGD restarts (default 1)")
     e.add_argument("--curve-steps", type=int, default=10, help="PGD steps of the eps curve (default 10)")
     e.add_argument("--no-curve", dest="curve", action="store_false", help="skip the accuracy-versus-eps curve")
     e.add_argument("--no-sanity", dest="sanity", action="store_false", help="skip the gradient-masking checks")
+    e.add_argument("--no-gate", dest="gate", action="store_false", help="skip the gate diagnostics")
     e.add_argument("--experts", action="store_true", help="also evaluate every expert alone")
     e.add_argument("--backend", default="auto", help="auto | triton | torch")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Soft mixture of ResNet-18 experts for adversarial "
+                                "robustness (Divided We Fall): training and evaluation.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    d = sub.add_parser("demo", help="both phases on synthetic data + robustness table (a few minutes on CPU)")
+    _add_common(d, "runs/demo")
+    d.add_argument("--quick", action="store_true", help="a much smaller demo (seconds; used by the tests)")
+    _add_run_flags(d)
+    d.set_defaults(demo_threads=1)
+    for name, help_text in (("pretrain", "phase 1: expert pre-training, each expert on its own stream"),
+                            ("train", "phase 2: joint randomized adversarial training of experts and gate")):
+        s = sub.add_parser(name, help=help_text)
+        _add_common(s, "runs/fastmoe")
+        _add_run_flags(s)
+        if name == "train":
+            s.add_argument("--init", default=None, help="phase-1 checkpoint to start from (default OUT/phase1.pt); "
+                           "the architecture flags default to its values")
+        _add_config_flags(s)
+    _add_eval_parser(sub)
     return p
+
+
+# ============================================================================ configuration
+_INIT_FIELDS = ("width", "num_experts", "roles", "gate_hidden", "holdout")   # must agree with the init checkpoint
+_INIT_DEFAULTS = ("dataset", "data_dir", "train_size")                       # taken from it unless given
 
 
 def _config_from_args(args):
@@ -180,104 +146,54 @@ def _config_from_args(args):
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
     given["device"], given["seed"] = args.device, args.seed
+    if args.command == "train":
+        given = _with_init_architecture(args, given)
     return TrainConfig(**given)
 
 
-# ============================================================================ reports
-def _phase_report(summary: dict, out: Path, name: str, wall_s: float):
-    from .train import environment_info
+def _with_init_architecture(args, given: dict) -> dict:
+    """``train``: the architecture (and data) of the phase-1 checkpoint unless restated; a restated
+    value that differs is refused, naming the fields."""
+    from .checkpoint import load_checkpoint
 
-    last_eval = next((h for h in reversed(summary.get("history", [])) if h.get("event") == "eval"), None)
-    rep = {k: v for k, v in summary.items() if k not in ("model", "history")}
-    rep.update(wall_time_s=wall_s, last_eval=last_eval, versions=environment_info(summary.get("device")),
-               hardware=hardware_info(summary.get("device") or "cpu"))
-    if rep.get("train_time_s") and rep.get("images_seen"):
-        rep["train_images_per_s"] = rep["images_seen"] / rep["train_time_s"]
-    write_json(out / f"{name}_report.json", rep)
-    lines = [f"# {name} report", "", f"- checkpoint: {rep['checkpoint']}",
-             f"- steps: {rep.get('global_step')}/{rep.get('total_steps')}, images seen: {rep.get('images_seen')}",
-             f"- training time (excluding evaluation): {rep.get('train_time_s', 0):.1f} s; wall: {wall_s:.1f} s",
-             f"- device: {rep.get('device')}, world size {rep.get('world_size')}",
-             f"- PGD step counts: {summary['config']['pgd_steps_set']} x steps_scale "
-             f"{summary['config']['steps_scale']}"]
-    if last_eval:
-        lines.append("- last held-out evaluation: " + ", ".join(f"{k}={v}" for k, v in last_eval.items()))
-    lines += ["", "## Config", "", "```json", json.dumps(summary["config"], indent=2), "```", "",
-              "## Versions and hardware", ""]
-    lines += [f"- {k}: {v}" for k, v in {**rep["versions"], **rep["hardware"]}.items()]
-    atomic_write_text(out / f"{name}_report.md", "\n".join(lines) + "\n")
-
-
-def _pct(v):
-    return "-" if v is None else f"{100 * v:5.1f}%"
-
-
-def _role_rows(roles, expert_acc: dict):
-    """Per-expert and per-role mean rows: (label, clean, fgsm, pgd)."""
-    rows = []
-    for role in ("clean", "fgsm", "pgd"):
-        idx = [i for i, r in enumerate(roles) if r == role]
-        if not idx:
-            continue
-        mean = {k: sum(expert_acc[k][i] for i in idx) / len(idx) for k in ("clean", "fgsm", "pgd")
-                if k in expert_acc}
-        label = f"{role} expert" + ("s (mean of %d)" % len(idx) if len(idx) > 1 else f" (e{idx[0]})")
-        rows.append((label, mean.get("clean"), mean.get("fgsm"), mean.get("pgd")))
-    return rows
-
-
-def _eps_label(eps):
-    k = eps * 255
-    return f"{round(k)}/255" if abs(k - round(k)) < 1e-6 else f"{eps:.4g}"
-
-
-def _table(rows, pgd_label, fgsm_label="FGSM 8/255"):
-    head = f"| {'model':<28} | clean  | {fgsm_label:<10} | {pgd_label:<10} |"
-    lines = [head, "|" + "-" * 30 + "|--------|------------|------------|"]
-    for label, c, f, p in rows:
-        lines.append(f"| {label:<28} | {_pct(c)} |   {_pct(f)}   |   {_pct(p)}   |")
-    return "\n".join(lines)
+    path = Path(args.init) if args.init else Path(args.out) / "phase1.pt"
+    if not path.is_file():
+        return given                  # train() says the init checkpoint is missing
+    payload = load_checkpoint(path, map_location="cpu")
+    saved = dict(payload.get("train_config") or {}) if isinstance(payload, dict) else {}
+    model_cfg = payload.get("model_config") if isinstance(payload, dict) else None
+    if isinstance(model_cfg, dict):
+        saved.update({k: model_cfg[k] for k in ("width", "num_experts", "roles", "gate_hidden") if k in model_cfg})
+    if isinstance(saved.get("roles"), list):
+        saved["roles"] = tuple(saved["roles"])
+    conflicts = [f"--{k.replace('_', '-')} {given[k]!r} (checkpoint: {saved[k]!r})" for k in _INIT_FIELDS
+                 if k in given and k in saved and given[k] != saved[k]]
+    if conflicts:
+        raise CLIError(f"train: flags conflict with the init checkpoint {path}: {'; '.join(conflicts)} (leave them "
+                       "out to take the checkpoint's values)")
+    return {**{k: saved[k] for k in _INIT_FIELDS + _INIT_DEFAULTS if k in saved}, **given}
 
 
 # ============================================================================ commands
-def _cmd_pretrain(args):
-    from . import train as tr
+def _cmd_phase(args):
+    from . import train as training
+    from .train.report import write_phase_report
 
     cfg = _config_from_args(args)
-    out = Path(args.out)
-    t = time.perf_counter()
-    summary = tr.pretrain(cfg, out, resume=args.resume, progress=args.progress)
+    out, t = Path(args.out), time.perf_counter()
+    kwargs = dict(resume=args.resume, overwrite=args.overwrite, progress=args.progress)
+    if args.command == "pretrain":
+        summary, phase = training.pretrain(cfg, out, **kwargs), 1
+    else:
+        summary, phase = training.train(cfg, out, init=args.init, **kwargs), 2
     if summary.get("rank", 0) != 0:
         return 0    # under torchrun only rank 0 reports
-    _phase_report(summary, out, "phase1", time.perf_counter() - t)
-    print(f"phase 1 done: {summary['checkpoint']} ({summary.get('train_time_s', 0):.1f} s training)")
+    write_phase_report(summary, out, f"phase{phase}", time.perf_counter() - t)
+    print(f"phase {phase} done: {summary['checkpoint']} ({summary.get('train_time_s', 0):.1f} s training)")
     return 0
 
 
-def _cmd_train(args):
-    from . import train as tr
-
-    cfg = _config_from_args(args)
-    out = Path(args.out)
-    t = time.perf_counter()
-    summary = tr.train(cfg, out, init=args.init, resume=args.resume, progress=args.progress)
-    if summary.get("rank", 0) != 0:
-        return 0    # under torchrun only rank 0 reports
-    _phase_report(summary, out, "phase2", time.perf_counter() - t)
-    print(f"phase 2 done: {summary['checkpoint']} ({summary.get('train_time_s', 0):.1f} s training)")
-    return 0
-
-
-def _cmd_eval(args):
-    from . import checkpoint as ckpt
-    from . import data as data_mod
-    from . import evaluate as ev
-    from . import train as tr
-    from .distributed import resolve_device
-
-    path = Path(args.checkpoint)
-    if not path.exists():
-        raise CLIError(f"checkpoint not found: {path}")
+def _check_eval_args(args):
     for name, v, lo in (("--limit", args.limit, 0), ("--batch-size", args.batch_size, 1),
                         ("--pgd-steps", args.pgd_steps, 0), ("--restarts", args.restarts, 1),
                         ("--curve-steps", args.curve_steps, 1)):
@@ -285,178 +201,130 @@ def _cmd_eval(args):
             raise CLIError(f"{name}: expected an int >= {lo}, got {v}")
     if not 0 <= args.eps <= 1 or not 0 <= args.alpha <= 1:
         raise CLIError(f"--eps/--alpha: expected values in [0, 1] (pixel scale), got {args.eps}, {args.alpha}")
-    device = resolve_device(args.device)
-    payload = ckpt.load_checkpoint(path, map_location="cpu")
-    model = tr.model_from_payload(payload, str(path), map_location=device, backend=args.backend).eval()
-    dataset = args.dataset or (payload.get("train_config") or {}).get("dataset")
+
+
+def _eval_data(args, payload, model):
+    from . import data
+    from .errors import user_input
+
+    saved = payload.get("train_config") or {}
+    dataset = args.dataset or saved.get("dataset")
     if not dataset:
         raise CLIError("--dataset: the checkpoint does not name its dataset; pass --dataset")
-    info = data_mod.DATASET_INFO.get(dataset)
-    if info is None:
-        raise CLIError(f"--dataset: expected one of {tuple(data_mod.DATASET_INFO)}, got {dataset!r}")
-    if int(info["num_classes"]) != model.num_classes:
-        raise CLIError(f"--dataset: {dataset} has {info['num_classes']} classes, the checkpoint's model "
-                       f"{model.num_classes}")
-    images, labels = data_mod.load_dataset(dataset, root=args.data_dir, split="test", download=args.download,
-                                           seed=args.seed, size=args.limit or None)
+    if dataset not in data.DATASETS:
+        raise CLIError(f"--dataset: expected one of {data.DATASETS}, got {dataset!r}")
+    root = args.data_dir or (saved.get("data_dir") if dataset == saved.get("dataset") else None)
+    holdout = args.holdout if args.holdout is not None else int(saved.get("holdout") or 0)
+    with user_input(f"dataset {dataset!r}"):
+        info = data.dataset_info(dataset, root)
+        if int(info["num_classes"]) != model.num_classes:
+            raise CLIError(f"--dataset: {dataset} has {info['num_classes']} classes, the checkpoint's model "
+                           f"{model.num_classes}")
+        images, labels = data.load_dataset(dataset, root=root, split=args.split, download=args.download,
+                                           seed=args.seed, size=args.limit or None, holdout=holdout)
+    return images, labels, {"dataset": dataset, "split": args.split, "holdout": holdout, "root": root}
+
+
+def _cmd_eval(args):
+    from . import checkpoint as ckpt
+    from . import evaluate as ev
+    from .demo import accuracy_table, role_rows
+    from .distributed import resolve_device
+    from .reporting import fmt_eps
+    from .train import model_from_payload
+
+    path = Path(args.checkpoint)
+    if not path.exists():
+        raise CLIError(f"checkpoint not found: {path}")
+    _check_eval_args(args)
+    device = resolve_device(args.device)
+    payload = ckpt.load_checkpoint(path, map_location="cpu")
+    model = model_from_payload(payload, str(path), map_location=device, backend=args.backend).eval()
+    images, labels, data_info = _eval_data(args, payload, model)
     out = Path(args.out) if args.out else path.parent / f"eval_{path.stem}"
-    attacks = [ev.AttackSpec("clean", "clean"), ev.AttackSpec("fgsm", "fgsm", eps=args.eps)]
+    specs = [ev.AttackSpec("clean", "clean"), ev.AttackSpec("fgsm", "fgsm", eps=args.eps)]
     if args.pgd_steps:
-        attacks.append(ev.AttackSpec(f"pgd{args.pgd_steps}", "pgd", eps=args.eps, alpha=args.alpha,
-                                     steps=args.pgd_steps, restarts=args.restarts))
-    t = time.perf_counter()
-    report = ev.robustness(model, images, labels, attacks=attacks, batch_size=args.batch_size, device=device,
+        specs.append(ev.AttackSpec(f"pgd{args.pgd_steps}", "pgd", eps=args.eps, alpha=args.alpha,
+                                   steps=args.pgd_steps, restarts=args.restarts))
+    report = ev.robustness(model, images, labels, attacks=specs, batch_size=args.batch_size, device=device,
                            eps_curve=ev.DEFAULT_EPS_CURVE if args.curve else (), curve_steps=args.curve_steps,
-                           seed=args.seed, progress=args.progress, sanity=args.sanity)
+                           seed=args.seed, progress=args.progress, sanity=args.sanity, gate=args.gate)
     if args.experts:
-        report["experts"] = tr.expert_robustness(model, images, labels, fgsm_eps=args.eps, pgd_eps=args.eps,
+        report["experts"] = ev.expert_robustness(model, images, labels, fgsm_eps=args.eps, pgd_eps=args.eps,
                                                  pgd_alpha=args.alpha, pgd_steps=args.pgd_steps,
                                                  batch_size=args.batch_size, seed=args.seed)
         report["experts"]["roles"] = list(model.roles)
     report["checkpoint"] = {"path": str(path), "phase": payload.get("phase"), "done": payload.get("done"),
-                            "progress": payload.get("progress")}
-    report["wall_time_s"] = time.perf_counter() - t
-    json_path, md_path = ev.write_report(report, out, name="eval")
-    acc = [report["attacks"][a.name]["accuracy"] for a in attacks]
+                            "progress": payload.get("progress"), "train_config": payload.get("train_config")}
+    report["data"].update(data_info)
+    acc = [report["attacks"][s.name]["accuracy"] for s in specs]
     rows = [("mixture", *acc, *([None] * (3 - len(acc))))]
     if args.experts:
-        rows = _role_rows(model.roles, report["experts"]) + rows
-    print(_table(rows, f"PGD-{args.pgd_steps}", f"FGSM {_eps_label(args.eps)}"))
+        rows = role_rows(model.roles, report["experts"]) + rows
+    table = accuracy_table(rows, f"PGD-{args.pgd_steps}", f"FGSM {fmt_eps(args.eps)}")
+    json_path, md_path = ev.write_report(report, out, name="eval", extra_sections=[_eval_header(report, table)])
+    print(table)
     if report["sanity"].get("all_passed") is False:
         print(f"WARNING: sanity checks failed: {report['sanity']['failed']} (see {md_path})")
+    for warning in (report.get("gate") or {}).get("warnings", []):
+        print(f"WARNING (gate): {warning}")
     print(f"report: {json_path}, {md_path}")
     return 0
 
 
-def _cmd_demo(args):
-    from . import data as data_mod
-    from . import evaluate as ev
-    from . import train as tr
+def _eval_header(report, table) -> list:
+    ck, d = report["checkpoint"], report["data"]
+    lines = ["## Checkpoint and data", "", f"- checkpoint: {ck['path']} (phase {ck['phase']}, done {ck['done']})",
+             f"- data: {d['dataset']} {d['split']} split ({d['images']} images"
+             + (f", holdout {d['holdout']}" if d["split"] == "holdout" else "") + ")"]
+    if ck.get("train_config"):
+        cfg = ck["train_config"]
+        lines.append("- training config: " + ", ".join(f"{k}={cfg.get(k)}" for k in (
+            "width", "num_experts", "pretrain_epochs", "train_epochs", "lr", "steps_scale", "seed") if k in cfg))
+    return lines + ["", "## Mixture and experts", "", table]
 
-    t_start = time.perf_counter()
-    quick = args.quick
-    base = QUICK_DEMO_CONFIG if quick else DEMO_CONFIG
-    ev_cfg = QUICK_DEMO_EVAL if quick else DEMO_EVAL
-    cfg = tr.TrainConfig(**base, seed=args.seed, device=args.device)
-    out = Path(args.out)
-    print(f"demo: {cfg.num_experts} experts (roles {cfg.expert_roles}), width {cfg.width}, synthetic data "
-          f"({cfg.train_size} train images), PGD steps {list(cfg.pgd_steps_set)} x steps_scale {cfg.steps_scale} "
-          f"= {cfg.pgd_steps_scaled}", flush=True)
-    t = time.perf_counter()
-    s1 = tr.pretrain(cfg, out, resume=args.resume, progress=args.progress)
-    t_phase1 = time.perf_counter() - t
-    images, labels = data_mod.load_dataset("synthetic", split="test", seed=cfg.seed, size=ev_cfg["images"])
-    pgd_steps = ev_cfg["pgd_steps"]
-    t = time.perf_counter()
-    experts = tr.expert_robustness(s1["model"], images, labels, fgsm_eps=8 / 255, pgd_eps=8 / 255,
-                                   pgd_alpha=2 / 255, pgd_steps=pgd_steps, batch_size=ev_cfg["batch_size"],
-                                   seed=cfg.seed)
-    t_eval1 = time.perf_counter() - t
-    t = time.perf_counter()
-    s2 = tr.train(cfg, out, resume=args.resume, progress=args.progress)
-    t_phase2 = time.perf_counter() - t
-    t = time.perf_counter()
-    attacks = [ev.AttackSpec("clean", "clean"), ev.AttackSpec("fgsm", "fgsm", eps=8 / 255),
-               ev.AttackSpec(f"pgd{pgd_steps}", "pgd", eps=8 / 255, alpha=2 / 255, steps=pgd_steps)]
-    mixture = ev.robustness(s2["model"], images, labels, attacks=attacks, batch_size=ev_cfg["batch_size"],
-                            eps_curve=(), seed=cfg.seed, progress=args.progress, sanity=ev_cfg["sanity"])
-    t_eval2 = time.perf_counter() - t
-    ev.write_report(mixture, out, name="mixture_report")
-    acc = {a.name: mixture["attacks"][a.name]["accuracy"] for a in attacks}
-    rows = _role_rows(s1["model"].roles, experts)
-    rows.append(("final mixture (phase 2)", acc["clean"], acc["fgsm"], acc[f"pgd{pgd_steps}"]))
-    table = _table(rows, f"PGD-{pgd_steps}")
-    wall = time.perf_counter() - t_start
-    roles = list(s1["model"].roles)
-    pgd_acc = experts["pgd"]
-    by_role = {r: [pgd_acc[i] for i, x in enumerate(roles) if x == r] for r in ("clean", "fgsm", "pgd")}
-    clean_pgd = max(by_role["clean"]) if by_role["clean"] else None
-    robust_check = {f"pgd_accuracy_{r}_experts": v for r, v in by_role.items() if v}
-    robust_check["pgd_accuracy_mixture"] = acc[f"pgd{pgd_steps}"]
-    if clean_pgd is not None:
-        adversarial = by_role["fgsm"] + by_role["pgd"]
-        robust_check["adversarial_experts_beat_clean_expert"] = bool(adversarial) and min(adversarial) > clean_pgd
-        robust_check["mixture_beats_clean_expert"] = acc[f"pgd{pgd_steps}"] > clean_pgd
-    report = {
-        "demo": {"quick": quick, "wall_time_s": wall,
-                 "timings_s": {"phase1": t_phase1, "phase1_training": s1.get("train_time_s"),
-                               "eval_experts": t_eval1, "phase2": t_phase2,
-                               "phase2_training": s2.get("train_time_s"), "eval_mixture": t_eval2},
-                 "eval": {"images": len(labels), "fgsm_eps": 8 / 255, "pgd_eps": 8 / 255, "pgd_alpha": 2 / 255,
-                          "pgd_steps": pgd_steps, "random_start": True, "white_box": True,
-                          "experts": "each expert attacked alone (its own logits)",
-                          "mixture": "attacks through the whole mixture (experts + gate)"},
-                 "steps_scale_note": f"training PGD step counts scaled by {cfg.steps_scale}: "
-                                     f"{list(cfg.pgd_steps_set)} -> {cfg.pgd_steps_scaled}",
-                 "robustness_check": robust_check},
-        "table": table,
-        "experts": {"roles": list(s1["model"].roles), **experts},
-        "mixture": {"accuracy": acc, "gate_weights": {k: v.get("gate_weights") for k, v in
-                                                      mixture["attacks"].items()},
-                    "sanity": mixture["sanity"].get("all_passed"), "report": "mixture_report.md"},
-        "config": cfg.to_dict(),
-        "checkpoints": {"phase1": s1["checkpoint"], "phase2": s2["checkpoint"], "last": str(out / "last.pt")},
-        "versions": tr.environment_info(s2.get("device")),
-        "hardware": hardware_info(s2.get("device") or "cpu"),
-    }
-    write_json(out / "report.json", report)
-    md = ["# fastmoe_adv demo", "",
-          f"Synthetic data, {cfg.num_experts} experts of width {cfg.width} (roles {cfg.expert_roles}), "
-          f"{cfg.pretrain_epochs} pre-training epoch(s) + {cfg.train_epochs} joint epoch(s) on {cfg.train_size} "
-          f"images; training PGD step counts {list(cfg.pgd_steps_set)} scaled by {cfg.steps_scale} -> "
-          f"{cfg.pgd_steps_scaled}; attack strength (eps, PGD step size) ramped linearly from 0 over the first "
-          f"{cfg.eps_warmup:.0%} of each phase (eps_warmup; the paper's recipe is eps_warmup 0). SGD lr {cfg.lr}, "
-          f"batch {cfg.batch_size}, {cfg.schedule} schedule, seed {cfg.seed}. A CPU-sized demo: the real model has "
-          f"9 experts of width 64.", "",
-          f"White-box evaluation on {len(labels)} held-out images: FGSM eps 8/255; PGD-{pgd_steps} eps 8/255, "
-          f"alpha 2/255, random start. Experts are attacked alone; the mixture end to end.", "",
-          table, "",
-          f"- every adversarially trained expert more robust under PGD-{pgd_steps} than the clean expert: "
-          f"{robust_check.get('adversarial_experts_beat_clean_expert')}",
-          f"- final mixture more robust under PGD-{pgd_steps} than the clean expert: "
-          f"{robust_check.get('mixture_beats_clean_expert')}",
-          f"- mixture sanity checks passed: {mixture['sanity'].get('all_passed')} (details: mixture_report.md)", "",
-          f"Wall time {wall:.1f} s (phase 1 {t_phase1:.1f} s, expert eval {t_eval1:.1f} s, phase 2 {t_phase2:.1f} s, "
-          f"mixture eval {t_eval2:.1f} s).", "",
-          "## Hardware and versions", ""]
-    md += [f"- {k}: {v}" for k, v in {**report["versions"], **report["hardware"]}.items()]
-    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+
+def _cmd_demo(args):
+    from .demo import run_demo
+
+    report = run_demo(args.out, quick=args.quick, seed=args.seed, device=args.device, resume=args.resume,
+                      overwrite=args.overwrite, progress=args.progress)
     print()
-    print(table)
+    print(report["table"])
     print()
-    print(f"wall time {wall:.1f} s; report: {out / 'report.md'}, {out / 'report.json'}; "
-          f"checkpoints: {s1['checkpoint']}, {s2['checkpoint']}")
+    print(f"wall time {report['demo']['wall_time_s']:.1f} s; report: {Path(args.out) / 'report.md'}, "
+          f"{Path(args.out) / 'report.json'}; checkpoints: {report['checkpoints']['phase1']}, "
+          f"{report['checkpoints']['phase2']}")
     return 0
 
 
-_COMMANDS = {"demo": _cmd_demo, "pretrain": _cmd_pretrain, "train": _cmd_train, "eval": _cmd_eval}
+_COMMANDS = {"demo": _cmd_demo, "pretrain": _cmd_phase, "train": _cmd_phase, "eval": _cmd_eval}
+# OS errors that are the user's environment, not a bug: a full disk, a read-only or missing folder.
+_USER_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOENT, errno.ENOTDIR, errno.EISDIR,
+                errno.EDQUOT, errno.EEXIST}
 
 
-def _user_errors():
-    errors = [CLIError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError]
-    try:
-        from .checkpoint import UnsafeCheckpointError
-        errors.insert(0, UnsafeCheckpointError)
-    except ImportError:
-        pass
-    return tuple(errors)
+def _one_line(exc) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, OSError) and exc.errno in _USER_ERRNOS:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror or msg}{where}"
+    return msg
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     from .train import TrainingInterrupted
 
     try:
-        if args.threads is None and getattr(args, "demo_threads", None):
+        threads = args.threads if args.threads is not None else getattr(args, "demo_threads", None)
+        if threads is not None:
             # The demo's models are tiny: one thread is as fast as two, and immune to the
             # oversubscription slowdown (10-100x measured) when other processes share the cores.
-            args.threads = args.demo_threads
-        if args.threads is not None:
-            if args.threads < 1:
-                raise CLIError(f"--threads: expected an int >= 1, got {args.threads}")
+            if threads < 1:
+                raise CLIError(f"--threads: expected an int >= 1, got {threads}")
             import torch
-            torch.set_num_threads(args.threads)
+            torch.set_num_threads(threads)
         return _COMMANDS[args.command](args)
     except TrainingInterrupted as exc:
         print(f"{PROG} {args.command}: {exc}", file=sys.stderr)
@@ -464,12 +332,16 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
-    except _user_errors() as exc:
-        kind = type(exc).__name__
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else kind
-        if kind not in ("CLIError", "ValueError", "FileNotFoundError", "UnsafeCheckpointError"):
-            msg = f"{kind}: {msg}"
-        print(f"{PROG} {args.command}: error: {msg}", file=sys.stderr)
+    except TrainingDiverged as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 3
+    except OSError as exc:
+        if exc.errno not in _USER_ERRNOS and not isinstance(exc, FileNotFoundError):
+            raise
+        print(f"{PROG} {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except UserError as exc:
+        print(f"{PROG} {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
+
 __all__ = ["DistInfo", "env_world_size", "setup", "cleanup", "is_initialized", "barrier",
            "all_gather_object", "broadcast_object", "any_true", "resolve_device"]
 
@@ -59,14 +61,14 @@ def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> to
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+        raise ConfigError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device: {device!r} requested but CUDA is not available here")
+            raise ConfigError(f"device: {device!r} requested but CUDA is not available here")
         if dev.index is None:
             dev = torch.device("cuda", local_rank)
     elif dev.type != "cpu":
-        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        raise ConfigError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
     return dev
 
 
@@ -107,6 +109,7 @@ def all_gather_object(obj) -> list:
 
 
 def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself without a group)."""
     if not is_initialized():
         return obj
     box = [obj]
@@ -114,10 +117,13 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
-def any_true(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on any rank (so all ranks stop at the same step)."""
+def any_true(flags, device: torch.device) -> list[bool]:
+    """For each flag, True on every rank when it is true on any rank (one collective for all of
+    them, so every rank stops at the same step). Without a process group: the flags themselves.
+    This syncs the host with the device: call it at log boundaries, not every step."""
+    flags = [bool(f) for f in flags]
     if not is_initialized():
-        return bool(flag)
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+        return flags
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]

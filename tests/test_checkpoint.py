@@ -11,11 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastmoe_adv import checkpoint as ckpt
 from fastmoe_adv.checkpoint import (
     UnsafeCheckpointError,
     capture_rng_state,
-    latest_checkpoint,
     load_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -265,15 +263,3 @@ def test_restore_warns_about_missing_cuda_generators(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.warns(RuntimeWarning, match="CUDA"):
         restore_rng_state(state)
-
-
-def test_latest_checkpoint(tmp_path):
-    assert latest_checkpoint(tmp_path / "missing") is None
-    assert latest_checkpoint(tmp_path) is None
-    for name in ("step_2.pt", "step_10.pt", "step_9.pt", "last.pt"):
-        save_checkpoint(tmp_path / name, {"name": name})
-    (tmp_path / ".step_99.pt.123.abcd.tmp").write_bytes(b"")            # a crashed write's leftover
-    (tmp_path / "step_50.txt").write_text("not a checkpoint")
-    assert latest_checkpoint(tmp_path) == tmp_path / "step_10.pt"
-    assert latest_checkpoint(tmp_path, "last*.pt") == tmp_path / "last.pt"
-    assert ckpt.__all__ and "latest_checkpoint" in ckpt.__all__

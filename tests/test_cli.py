@@ -87,7 +87,7 @@ def test_eval_command_writes_report(tmp_path, capsys):
     assert rc == 0
     report = json.loads((tmp_path / "o" / "eval.json").read_text())
     assert set(report["attacks"]) == {"clean", "fgsm", "pgd1"} and report["data"]["images"] == 8
-    assert "versions" in report and "hardware" in report and report["wall_time_s"] > 0
+    assert "torch" in report["environment"] and "cpu" in report["environment"] and report["wall_time_s"] > 0
     assert "mixture" in capsys.readouterr().out
 
 

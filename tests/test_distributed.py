@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 import fastmoe_adv as fm
 from fastmoe_adv import attacks as A
+from fastmoe_adv.train import trainer as trainer_mod
 
 ROLES = ["clean", "fgsm", "pgd"]
 B_GLOBAL = 8
@@ -86,12 +87,12 @@ def _worker(rank, world, port, tmp):
         out = {}
         # ---- one phase-1 step through DDP on this rank's half
         model = _tiny_moe()
-        net = tr._wrap_ddp(tr._ExpertsNet(model), info)
+        net = trainer_mod._wrap_ddp(tr.steps.ExpertsNet(model), info)
         tr.phase1_step(model, net, _sgd(model.experts.parameters()), x[s], y[s], _plan(), generator=_rank_gen(rank))
         out["phase1"] = {k: v.detach().clone() for k, v in model.named_parameters()}
         # ---- one phase-2 step through DDP (the whole mixture) on this rank's half
         model = _tiny_moe()
-        net = tr._wrap_ddp(model, info)
+        net = trainer_mod._wrap_ddp(model, info)
         cfg = _tiny_cfg()
         attack = tr.Phase2Attack("pgd", cfg.pgd_eps, cfg.pgd_alpha, PHASE2_STEPS)
         tr.phase2_step(model, net, _sgd(model.parameters()), x[s, 0], y[s, 0], attack, cfg,
@@ -120,7 +121,7 @@ def _reference_phase1():
     from fastmoe_adv import train as tr
     x, y = _global_batch()
     model = _tiny_moe()
-    net = tr._ExpertsNet(model)
+    net = tr.steps.ExpertsNet(model)
     opt = _sgd(model.experts.parameters())
     opt.zero_grad()
     # every rank attacks before any rank's training forward updates the BN running statistics

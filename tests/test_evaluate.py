@@ -103,8 +103,8 @@ def test_ordinary_model_report_and_files(tmp_path):
         "deterministic_forward", "outputs_not_probabilities"}
     for c in report["sanity"]["checks"]:
         assert set(c) >= {"name", "passed", "measured", "threshold", "message"}
-    assert set(report["versions"]) == {"python", "torch", "triton", "fastmoe_adv"}
-    assert report["hardware"]["cpu"] and report["hardware"]["gpu"] is None
+    assert {"python", "torch", "triton", "fastmoe_adv"} <= set(report["environment"])
+    assert report["environment"]["cpu"] and report["environment"]["gpu"] is None
     assert report["timestamp"] and report["settings"]["seed"] == 0
 
     json_path, md_path = ev.write_report(report, tmp_path / "out", name="lin")
@@ -112,9 +112,9 @@ def test_ordinary_model_report_and_files(tmp_path):
     loaded = json.loads(open(json_path).read())
     assert loaded["attacks"]["clean"]["correct"] == 24
     md = open(md_path).read()
-    assert "| attack | eps | steps | accuracy | correct/total |" in md
+    assert "| attack | eps | steps | accuracy | 95% CI | correct/total |" in md
     assert "| pgd20 (alpha 2/255, random start) | 8/255 | 20 |" in md
-    assert "| clean | - | - | 100.00% | 24/24 |" in md
+    assert "| clean | - | - | 100.00% | [86.2, 100.0] | 24/24 |" in md
     assert "PASS" in md and "FAIL" not in md and "WARNING" not in md
     assert md.index("## Accuracy") < md.index("## Accuracy versus eps") < md.index("## Sanity checks") \
         < md.index("## Settings")
@@ -186,7 +186,7 @@ def test_mixture_report_gate_weights_uint8_and_mode_restored():
     assert sum(report["attacks"]["pgd1"]["gate_weights"]) == pytest.approx(1.0, abs=1e-5)
     assert report["model"]["roles"] == moe.roles and report["data"]["dtype"] == "uint8"
     assert report["sanity"]["all_passed"] is None
-    md = ev._markdown(report)
+    md = ev.markdown(report)
     assert "## Mean gate weight per expert" in md and "e0 (clean)" in md
     assert "Sanity checks were not run" in md
     float_report = ev.robustness(moe, x, y, attacks=specs[:1], batch_size=2, eps_curve=(), progress=False,

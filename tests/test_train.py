@@ -142,7 +142,7 @@ def test_eps_warmup_ramps_attack_strength_linearly():
 
 # ============================================================================ phase 1 step
 def _phase1(model, x, y, plan, seed=3, lr=0.0):
-    net = tr._ExpertsNet(model)
+    net = tr.steps.ExpertsNet(model)
     opt = torch.optim.SGD(model.experts.parameters(), lr=lr, momentum=0.9)
     gen = torch.Generator().manual_seed(seed)
     return tr.phase1_step(model, net, opt, x, y, plan, generator=gen)
@@ -261,14 +261,14 @@ def test_sigterm_writes_checkpoint_and_resume_is_bit_identical(tmp_path, monkeyp
                 os.kill(os.getpid(), signal.SIGTERM)     # handled between steps
             return out
 
-        monkeypatch.setattr(tr, step_name, stepper)
+        monkeypatch.setattr(tr.trainer, step_name, stepper)
         fn = tr.pretrain if phase == 1 else tr.train
         with pytest.raises(tr.TrainingInterrupted) as info:
             fn(cfg, tmp_path / "cut", **quiet)
         assert info.value.signum == signal.SIGTERM
         payload = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
         assert (payload["phase"], payload["done"], payload["progress"]["global_step"]) == (phase, False, stop_at)
-        monkeypatch.setattr(tr, step_name, real)
+        monkeypatch.setattr(tr.trainer, step_name, real)
         done = fn(cfg, tmp_path / "cut", resume=True, **quiet)
         assert done["global_step"] == (8 if phase == 1 else 4)
         _assert_same_weights(_weights(done["model"]), _weights((ref1 if phase == 1 else ref2)["model"]))
@@ -301,7 +301,7 @@ def test_sigkill_and_resume_ends_with_the_uninterrupted_weights(tmp_path):
                          timeout=300)
     assert ref.returncode == 0, ref.stderr[-2000:]
     rep = json.loads((tmp_path / "ref" / "phase1_report.json").read_text())   # config, versions, hardware, timings
-    assert rep["config"]["width"] == 4 and rep["versions"]["torch"] and rep["hardware"]["cpu_count"]
+    assert rep["config"]["width"] == 4 and rep["environment"]["torch"] and rep["environment"]["cpu_count"]
     assert rep["train_time_s"] > 0 and rep["global_step"] == 18
 
     out = tmp_path / "cut"
