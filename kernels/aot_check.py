@@ -9,6 +9,7 @@ Must run with TRITON_INTERPRET unset (the kernels must be JIT functions, not int
 Exit status: 0 all compiled, 1 a kernel failed, 77 this triton cannot compile for CUDA here.
 """
 import argparse
+import itertools
 import os
 import sys
 
@@ -103,31 +104,32 @@ def _batchnorm_variants(quick: bool):
             s = sig(("x_ptr",), ("part_ptr",), **geo, p_per_split="i32", SPLIT="i32")
             out.append((bn._bn_stats_partial_kernel, s, {**blocks, **ones}, nw))
             final = dict(BLOCK_S=bn._FINAL_BLOCK_S, BLOCK_C=bn._FINAL_BLOCK_C)
-            for update in (False, True):
+            for update in (True,) if quick else (False, True):
                 s = sig(("x_ptr",), ("part_ptr", "mean_ptr", "rstd_ptr", "rm_ptr", "rv_ptr"), C="i32", SPLIT="i32",
                         inv_count="fp32", unbias="fp32", eps="fp32", momentum="fp32")
                 s.update({} if "sC" in ones else {"sC": "i32"})
                 consts = dict(UPDATE_RUNNING=update, **final, **{k: 1 for k in ("sC",) if k in ones})
                 out.append((bn._bn_stats_finalize_kernel, s, consts, 4))
-            for has_res in (False, True):
-                for relu in (False, True):
-                    for ev in (False, True):
-                        s = sig(("x_ptr", "res_ptr", "y_ptr"), ("w_ptr", "b_ptr", "mean_ptr", "var_ptr"), eps="fp32",
-                                **geo)
-                        consts = dict(HAS_RES=has_res, RELU=relu, EVAL=ev, **blocks, **ones)
-                        out.append((bn._bn_apply_kernel, s, consts, nw))
-            for relu, store_dres in ((False, False), (True, False), (True, True)):
-                for ev in (False, True):
-                    s = sig(("dy_ptr", "y_ptr", "x_ptr", "dres_ptr", "dx_ptr"),
-                            ("w_ptr", "mean_ptr", "var_ptr", "part_ptr"), eps="fp32", **geo, p_per_split="i32",
-                            SPLIT="i32")
-                    consts = dict(RELU=relu, STORE_DRES=store_dres, EVAL=ev, **blocks, **ones)
-                    out.append((bn._bn_bwd_reduce_kernel, s, consts, nw))
+            # quick: every constexpr branch compiled at least once (all off, all on)
+            flags = ((False,) * 3, (True,) * 3) if quick else itertools.product((False, True), repeat=3)
+            for has_res, relu, ev in flags:
+                s = sig(("x_ptr", "res_ptr", "y_ptr"), ("w_ptr", "b_ptr", "mean_ptr", "var_ptr"), eps="fp32", **geo)
+                consts = dict(HAS_RES=has_res, RELU=relu, EVAL=ev, **blocks, **ones)
+                out.append((bn._bn_apply_kernel, s, consts, nw))
+            flags = ((False,) * 3, (True,) * 3) if quick else [
+                (relu, relu and store, ev) for relu in (False, True) for store in (False, True)[:1 + relu]
+                for ev in (False, True)]
+            for relu, store_dres, ev in flags:
+                s = sig(("dy_ptr", "y_ptr", "x_ptr", "dres_ptr", "dx_ptr"),
+                        ("w_ptr", "mean_ptr", "var_ptr", "part_ptr"), eps="fp32", **geo, p_per_split="i32", SPLIT="i32")
+                consts = dict(RELU=relu, STORE_DRES=store_dres, EVAL=ev, **blocks, **ones)
+                out.append((bn._bn_bwd_reduce_kernel, s, consts, nw))
+            for relu in (False, True):
                 s = sig(("dy_ptr", "y_ptr", "x_ptr", "dx_ptr"), ("w_ptr", "mean_ptr", "rstd_ptr", "sums_ptr"),
                         inv_count="fp32", **geo)
-                out.append((bn._bn_bwd_dx_kernel, s, dict(RELU=relu and not store_dres, **blocks, **ones), nw))
-        s = {"part_ptr": "*fp32", "sums_ptr": "*fp32", "C": "i32", "SPLIT": "i32"}
-        out.append((bn._bn_bwd_finalize_kernel, s, dict(BLOCK_S=bn._FINAL_BLOCK_S, BLOCK_C=bn._FINAL_BLOCK_C), 4))
+                out.append((bn._bn_bwd_dx_kernel, s, dict(RELU=relu, **blocks, **ones), nw))
+    s = {"part_ptr": "*fp32", "sums_ptr": "*fp32", "C": "i32", "SPLIT": "i32"}  # fp32 only: one variant
+    out.append((bn._bn_bwd_finalize_kernel, s, dict(BLOCK_S=bn._FINAL_BLOCK_S, BLOCK_C=bn._FINAL_BLOCK_C), 4))
     return out
 
 

@@ -108,7 +108,7 @@ def _force_small_tiles(monkeypatch, tile=16, programs=12, final_block_s=2):
 @pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "cl"))
 def test_several_splits_and_loop_steps(channels_last, monkeypatch):
     _force_small_tiles(monkeypatch)
-    case = Case((5, 9, 6, 7), channels_last)
+    case = Case((3, 9, 5, 7), channels_last)
     view = bn_mod._View(case.x)
     block_p, block_c, block_q, _ = bn_mod._config(view, interpreter=True)
     split, p_per_split = bn_mod._split(view, block_p, block_c, case.x.device)
@@ -272,3 +272,48 @@ def test_bad_inputs(fn):
 
 def test_kernels_compile_for_sm90(tmp_path):
     assert_kernels_compile_for_sm90("batchnorm", tmp_path)
+
+
+def test_half_parameters_and_buffers():
+    # a model cast to fp16 as a whole: weight, bias and running buffers in x's dtype
+    x = torch.randn(3, 5, 4, 4).half().requires_grad_(True)
+    w = (0.5 + torch.rand(5)).half().requires_grad_(True)
+    b = torch.randn(5).half().requires_grad_(True)
+    bufs = [(0.1 * torch.randn(5)).half(), (0.5 + torch.rand(5)).half()]
+    bufs64 = [t.double() for t in bufs]
+    y = batch_norm_act(x, w, b, *bufs, training=True, backend="triton")
+    dy = torch.randn(3, 5, 4, 4).half().double()  # fp16 values: both sides see the same dy
+    dx, dw, db = torch.autograd.grad((y.double() * dy).sum(), (x, w, b))
+    x64, w64, b64 = (t.detach().double().requires_grad_(True) for t in (x, w, b))
+    want = batch_norm_act_torch(x64, w64, b64, *(t.clone() for t in bufs64), training=True)
+    want_grads = torch.autograd.grad((want * dy).sum(), (x64, w64, b64))
+    batch_norm_act_torch(x64, w64, b64, *bufs64, training=True)  # the fp64 running update
+    ulp = torch.finfo(torch.float16).eps
+    for name, a, b_ in (("y", y, want), ("dx", dx, want_grads[0]), ("dweight", dw, want_grads[1]),
+                        ("dbias", db, want_grads[2]), ("running_mean", bufs[0], bufs64[0]),
+                        ("running_var", bufs[1], bufs64[1])):
+        assert a.dtype == torch.float16, name
+        torch.testing.assert_close(a.double(), b_, rtol=ulp, atol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_eval_input_gradient_only():
+    # an attack step: eval mode, parameters frozen, only the input (and residual) need gradients
+    case = Case((3, 27, 5, 5), channels_last=True)
+    x = case.x.clone().requires_grad_(True)
+    res = case.residual.clone().requires_grad_(True)
+    s = slice(LO * case.c, HI * case.c)
+    args = (case.weight[s], case.bias[s], case.running_mean[s], case.running_var[s])
+    y = batch_norm_act(x, *args, training=False, residual=res, backend="triton")
+    got = torch.autograd.grad((y * case.dy).sum(), (x, res))
+    x64, res64 = x.detach().double().requires_grad_(True), res.detach().double().requires_grad_(True)
+    want_y = batch_norm_act_torch(x64, *(a.double() for a in args), training=False, residual=res64)
+    want = torch.autograd.grad((want_y * case.dy.double()).sum(), (x64, res64))
+    torch.testing.assert_close(y, want_y.float(), **FP32_TOL)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b.float(), **FP32_TOL)
+
+
+def test_empty_batch_in_eval():
+    x = torch.randn(0, 5, 4, 4)
+    y = batch_norm_act(x, None, None, torch.zeros(5), torch.ones(5), training=False, backend="triton")
+    assert y.shape == x.shape
