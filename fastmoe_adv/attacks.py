@@ -28,6 +28,7 @@ Arguments are checked once per attack; the step loops never synchronize with the
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 import math
 import numbers
@@ -53,6 +54,17 @@ NORMS = ("Linf", "L2")
 # experts with the highest loss (the least robust ones).
 LOSSES = ("ce", "dlr", "moe_ce", "moe_gate")
 MOE_LOSSES = ("moe_ce", "moe_gate")
+
+# The attack families in their own modules, reachable from here too (``fm.attacks.apgd(...)``);
+# loaded on first use because they import this module.
+_FAMILIES = {"apgd": "apgd", "apgd_targeted": "apgd", "apgd_checkpoints": "apgd", "square": "square",
+             "run_preset": "presets"}
+
+
+def __getattr__(name):
+    if name in _FAMILIES:
+        return getattr(importlib.import_module(f".{_FAMILIES[name]}", __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ----------------------------------------------------------------------------- input checks

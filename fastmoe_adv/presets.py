@@ -20,13 +20,15 @@ from .constants import DEFAULT_EPS
 from .square import square
 
 __all__ = ["run_preset", "Stage", "StageResult", "PresetResult", "PRESETS", "preset_stages",
-           "STANDARD_STEPS", "STANDARD_TARGETS", "STANDARD_QUERIES", "QUICK_STEPS", "QUICK_TARGETS"]
+           "STANDARD_STEPS", "STANDARD_TARGETS", "STANDARD_QUERIES", "QUICK_STEPS", "QUICK_TARGETS", "L2_EPS"]
 
 STANDARD_STEPS = 100     # APGD iterations (AutoAttack standard)
 STANDARD_TARGETS = 9     # APGD-T target classes (AutoAttack standard, 10 classes)
 STANDARD_QUERIES = 5000  # Square queries (AutoAttack standard)
 QUICK_STEPS = 20
 QUICK_TARGETS = 3
+# Default L2 radius (pixel scale [0, 1]): the CIFAR-10 L2 threat model of RobustBench (Croce et al. 2021).
+L2_EPS = 0.5
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,7 @@ def _check_in_ball(name, adv, x, eps, norm):
                            f"(max distance {float(dist.max())})")
 
 
-def run_preset(model, x, y, preset="standard", eps=DEFAULT_EPS, norm="Linf", seed=0, progress=None,
+def run_preset(model, x, y, preset="standard", eps=None, norm="Linf", seed=0, progress=None,
                batch_size=None, stages=None, compare_autoattack=False) -> PresetResult:
     """Run a preset's attacks in sequence, each on the points still robust; the per-point worst case.
 
@@ -149,7 +151,8 @@ def run_preset(model, x, y, preset="standard", eps=DEFAULT_EPS, norm="Linf", see
         model: maps images [B,C,H,W] in [0, 1] to logits [B, K].
         x, y: images in [0, 1] and integer labels (B may be 0).
         preset: "standard", "quick" or "adaptive" (see the module docstring).
-        eps: radius of the ``norm`` ball.  norm: "Linf" or "L2" (Square runs for Linf only).
+        eps: radius of the ``norm`` ball; None: ``DEFAULT_EPS`` (8/255) for Linf, ``L2_EPS`` (0.5) for L2.
+        norm: "Linf" or "L2" (Square runs for Linf only).
         seed: seeds one torch.Generator on x's device that every stage draws from.
         progress: optional callable ``progress(stage_name, info_dict)``, called with
             ``info["event"] == "start"`` (with ``attacked``) and ``"done"`` (with the StageResult fields).
@@ -160,9 +163,9 @@ def run_preset(model, x, y, preset="standard", eps=DEFAULT_EPS, norm="Linf", see
     Returns:
         a ``PresetResult``.
     """
-    eps = _check_number("eps", eps)
-    seed = _check_number("seed", seed, integer=True)
     norm = check_norm(norm)
+    eps = _check_number("eps", (DEFAULT_EPS if norm == "Linf" else L2_EPS) if eps is None else eps)
+    seed = _check_number("seed", seed, integer=True)
     if batch_size is not None:
         batch_size = _check_number("batch_size", batch_size, integer=True, minimum=1)
     stage_list = preset_stages(preset) if stages is None else list(stages)

@@ -247,3 +247,22 @@ def test_errors():
         AP.apgd_targeted(two, x, torch.zeros(2, dtype=torch.long), 0.03, n_targets=2)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         AP.apgd(model, x + 1, y, 0.03)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.skipif(fm.kernels.interpreter_enabled(), reason="the Triton interpreter copies CUDA tensors to the "
+                    "host; run with TRITON_INTERPRET=0 (as tests/test_kernels_cuda.py)")
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_step_loops_never_sync_on_cuda(norm):
+    model = conv_model().cuda()
+    x = torch.rand(8, 3, 8, 8, device="cuda")
+    y = torch.randint(0, 10, (8,), device="cuda")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call inside raises
+    try:
+        AP._apgd_run(model, x, y, 0.03, 12, norm, "ce", None, AP.APGD_RHO, AP.APGD_MOMENTUM, g)
+        A._pgd_once(model, x, y, 0.03, 0.01, 5, True, g, norm, "dlr")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)

@@ -116,10 +116,15 @@ def test_standard_and_adaptive_stage_lists_and_skips():
     assert [bool(s.skipped) for s in res.stages] == [True, True] and res.stages[0].attacked == 0
 
 
-def test_empty_batch_and_errors():
+def test_empty_batch_defaults_and_errors():
     model = conv_model()
     res = P.run_preset(model, torch.rand(0, 3, 8, 8), torch.zeros(0, dtype=torch.long), preset="quick")
     assert res.robust.shape == (0,) and res.x_adv.shape == (0, 3, 8, 8)
+    assert res.eps == 8 / 255 and res.clean_accuracy == 0.0 and [s.attacked for s in res.stages] == [0, 0]
+    assert P.run_preset(model, torch.rand(0, 3, 8, 8), torch.zeros(0, dtype=torch.long), preset="quick",
+                        norm="L2").eps == P.L2_EPS
+    from fastmoe_adv import attacks as A  # the families are reachable from the attacks module too
+    assert A.run_preset is P.run_preset and A.apgd.__module__ == "fastmoe_adv.apgd"
     x, y = correct_data(model, b=2)
     with pytest.raises(ValueError, match="preset"):
         P.run_preset(model, x, y, preset="fast")
