@@ -79,6 +79,15 @@ class TrainConfig:
     weight_decay: float = _f(5e-4, "L2 weight decay on every trained parameter")
     schedule: str = _f("cosine", "per step: cosine (lr -> 0) | onecycle (linear up, linear down)")
     warmup_frac: float = _f(0.15, "onecycle: fraction of the steps spent warming up")
+    train_experts: bool = _f(True, "phase 2: train experts and gate jointly (False: only the gate; the experts' "
+                                   "weights and BatchNorm statistics stay as phase 1 left them)", "phase2")
+    gate_lr_scale: float = _f(1.0, "phase 2: the gate's learning rate as a multiple of lr", "phase2")
+    gate_entropy_weight: float = _f(0.0, "phase 2: minus this times the mean per-input gate entropy is added to the "
+                                         "loss (> 0 keeps the gate soft, < 0 sharpens it); 0 = the paper's loss",
+                                    "phase2")
+    gate_balance_weight: float = _f(0.0, "phase 2: this times KL(batch-mean gate weights || uniform) is added to the "
+                                         "loss (keeps every expert in use on average); 0 = the paper's loss",
+                                    "phase2")
     # -- attacks (pixel scale [0, 1])
     fgsm_eps_set: tuple = _f(DEFAULT_FGSM_EPS_SET, "comma-separated FGSM eps drawn per batch (per expert in "
                                                    "phase 1)")
@@ -167,6 +176,11 @@ class TrainConfig:
         self._float("weight_decay", 0.0)
         self._choice("schedule", SCHEDULES)
         self._float("warmup_frac", 0.0, 1.0)
+        if not isinstance(self.train_experts, bool):
+            self._bad("train_experts", "a bool")
+        self._float("gate_lr_scale", 0.0)
+        self._float("gate_entropy_weight")
+        self._float("gate_balance_weight", 0.0)
 
     def _check_attacks(self):
         eps_set = self.fgsm_eps_set

@@ -22,7 +22,7 @@ from ..moe import FastSoftMoE
 from .config import SCHEDULES, TrainConfig
 
 __all__ = ["LRSchedule", "Phase2Attack", "ExpertsNet", "draw_phase1_plan", "draw_phase2_attack", "phase1_step",
-           "phase2_step", "autocast"]
+           "phase2_step", "autocast", "gate_regularizer", "optimizer_groups"]
 
 
 class LRSchedule:
@@ -51,7 +51,7 @@ class LRSchedule:
     def apply(self, optimizer, step: int) -> float:
         lr = self.lr_at(step)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)   # a group's own multiple (the gate's, phase 2)
         return lr
 
     def state_dict(self) -> dict:
@@ -154,8 +154,45 @@ def phase2_step(model: FastSoftMoE, net: nn.Module, optimizer, x, y, attack: Pha
     if cfg.channels_last and x.device.type == "cuda":
         x_adv = x_adv.contiguous(memory_format=torch.channels_last)
     net.train()
+    if not cfg.train_experts:
+        model.experts.eval()     # frozen experts: their BatchNorm statistics stay phase 1's too
+    regularized = bool(cfg.gate_entropy_weight or cfg.gate_balance_weight)
     with autocast(x.device, cfg.bf16):
-        logits = net(x_adv)
+        out = net(x_adv, return_details=True) if regularized else net(x_adv)
+    logits = out.logits if regularized else out
     loss = F.cross_entropy(logits.float(), y)
+    if regularized:
+        loss = loss + gate_regularizer(out.gate_weights.float(), cfg.gate_entropy_weight, cfg.gate_balance_weight)
     _optimize(optimizer, loss)
     return loss.detach(), (logits.detach().argmax(-1) == y).sum()
+
+
+def gate_regularizer(weights: torch.Tensor, entropy_weight: float, balance_weight: float) -> torch.Tensor:
+    """``-entropy_weight * mean_b H(w_b) + balance_weight * KL(mean_b w || uniform)`` for gate
+    weights ``[B, E]``. The entropy term keeps each input's weights soft (or, negative, sharp);
+    the balance term keeps the average weight of every expert away from zero, which together
+    with a negative entropy weight rewards weights that differ between inputs."""
+    logw = weights.clamp_min(1e-30).log()
+    entropy = -(weights * logw).sum(dim=1).mean()
+    mean_w = weights.mean(dim=0)
+    balance = (mean_w * (mean_w.clamp_min(1e-30).log() + math.log(weights.shape[1]))).sum()
+    return -entropy_weight * entropy + balance_weight * balance
+
+
+def optimizer_groups(model: FastSoftMoE, params, cfg: TrainConfig, phase: int) -> list:
+    """SGD parameter groups. Phase 1, or phase 2 with the defaults: one group of ``params``.
+    Phase 2 puts the gate in its own group (``lr_scale = gate_lr_scale``, read by
+    ``LRSchedule.apply``) and, without ``train_experts``, leaves the experts out entirely (and
+    stops their gradients, which no step would use)."""
+    params = list(params)
+    if phase != 2 or (cfg.train_experts and cfg.gate_lr_scale == 1.0):
+        return [{"params": params}]
+    gate_ids = {id(p) for p in model.gate.parameters()}
+    gate = [p for p in params if id(p) in gate_ids]
+    rest = [p for p in params if id(p) not in gate_ids]
+    groups = [{"params": gate, "lr_scale": cfg.gate_lr_scale}]
+    if cfg.train_experts:
+        groups.append({"params": rest})
+    else:
+        model.experts.requires_grad_(False)
+    return groups

@@ -32,7 +32,15 @@ from ..moe import FastSoftMoE
 from ..reporting import append_jsonl
 from .config import TrainConfig
 from .state import CHECKPOINT_FORMAT, RunDir, build_model, model_from_payload
-from .steps import ExpertsNet, LRSchedule, draw_phase1_plan, draw_phase2_attack, phase1_step, phase2_step
+from .steps import (
+    ExpertsNet,
+    LRSchedule,
+    draw_phase1_plan,
+    draw_phase2_attack,
+    optimizer_groups,
+    phase1_step,
+    phase2_step,
+)
 
 __all__ = ["Trainer", "TrainingInterrupted", "pretrain", "train"]
 
@@ -240,8 +248,8 @@ class Trainer:
     def setup_state(self, model, params, streams):
         cfg = self.cfg
         self.model, self.streams, self.params = model, streams, list(params)
-        self.optimizer = torch.optim.SGD(self.params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                         weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.SGD(optimizer_groups(model, self.params, cfg, self.phase), lr=cfg.lr,
+                                         momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
         self.epochs = cfg.pretrain_epochs if self.phase == 1 else cfg.train_epochs
         self.total_steps = self.epochs * streams.steps_per_epoch
         self.schedule = LRSchedule(cfg.schedule, cfg.lr, self.total_steps, cfg.warmup_frac)
