@@ -5,7 +5,8 @@ the step, in fp32 against the twin run in fp64 on the same values; odd shapes (N
 H=W=5 and 7), NCHW and channels_last, ReLU and residual on and off, training and eval, parameters
 and buffers that are slices of bigger ones (as GroupedBatchNorm2d passes them); several splits
 and loop steps per program; a large mean; fp16/bf16 inputs against an fp32 reference; fp64
-gradcheck of the twin; bad inputs; the dispatcher; the sm_90 compile.
+gradcheck of the twin; bad inputs; the dispatcher; the sm_90 compile. The tests marked cuda run
+the compiled kernels on a GPU instead (TRITON_INTERPRET=0 pytest tests/test_batchnorm.py -m cuda).
 """
 import importlib
 
@@ -18,8 +19,26 @@ from fastmoe_adv.kernels import batch_norm_act, batch_norm_act_torch, dispatch
 
 bn_mod = importlib.import_module("fastmoe_adv.kernels.batchnorm")  # the module, not the function
 
-pytestmark = pytest.mark.skipif(not dispatch.interpreter_enabled(),
-                                reason="needs triton with TRITON_INTERPRET=1 (set by tests/conftest.py)")
+
+def cuda_compiled(test):
+    """The compiled kernels on a GPU: TRITON_INTERPRET=0 pytest tests/test_batchnorm.py -m cuda."""
+    for mark in (
+        pytest.mark.cuda,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+        pytest.mark.skipif(not dispatch.triton_available(), reason="needs triton"),
+        pytest.mark.skipif(dispatch.interpreter_enabled(),
+                           reason="kernels are interpreted: run with TRITON_INTERPRET=0 to test the compiled ones"),
+    ):
+        test = mark(test)
+    return test
+
+
+@pytest.fixture(autouse=True)
+def _needs_interpreter(request):
+    """Every test but the CUDA ones runs the kernels on CPU tensors under the interpreter."""
+    if request.node.get_closest_marker("cuda") is None and not dispatch.interpreter_enabled():
+        pytest.skip("needs triton with TRITON_INTERPRET=1 (set by tests/conftest.py)")
+
 
 # fp32 kernel vs the fp64 twin on the same values: the kernel's own fp32 rounding only. The weight
 # gradient is a sum of N*H*W products of size ~|dy|, hence the absolute part.
@@ -30,18 +49,19 @@ LO, HI = 1, 2  # the active experts: channel slice [LO*C, HI*C) of parameters fo
 class Case:
     """Random (never zero) inputs; weight, bias and running buffers are slices of 3-expert tensors."""
 
-    def __init__(self, shape, channels_last=False, residual=True, dtype=torch.float32, mean=0.5, std=2.0):
+    def __init__(self, shape, channels_last=False, residual=True, dtype=torch.float32, mean=0.5, std=2.0,
+                 device="cpu"):
         n, c, h, w = shape
         self.c = c
-        self.x = (torch.randn(shape) * std + mean).to(dtype)
+        self.x = (torch.randn(shape, device=device) * std + mean).to(dtype)
         if channels_last:
             self.x = self.x.to(memory_format=torch.channels_last)
-        self.residual = torch.randn(shape).to(dtype) if residual else None
-        self.weight = 0.5 + torch.rand(3 * c)
-        self.bias = 0.2 * torch.randn(3 * c)
-        self.running_mean = 0.1 * torch.randn(3 * c)
-        self.running_var = 0.5 + torch.rand(3 * c)
-        self.dy = torch.randn(shape)  # plain NCHW, whatever x's format: the op must cope
+        self.residual = torch.randn(shape, device=device).to(dtype) if residual else None
+        self.weight = 0.5 + torch.rand(3 * c, device=device)
+        self.bias = 0.2 * torch.randn(3 * c, device=device)
+        self.running_mean = 0.1 * torch.randn(3 * c, device=device)
+        self.running_var = 0.5 + torch.rand(3 * c, device=device)
+        self.dy = torch.randn(shape, device=device)  # plain NCHW, whatever x's format: the op must cope
 
     def run(self, fn, training, relu, dtype=None, **kw):
         """(y, dx, dweight, dbias, dresidual, running_mean, running_var) for loss = <y, dy>, on copies
@@ -317,3 +337,31 @@ def test_empty_batch_in_eval():
     x = torch.randn(0, 5, 4, 4)
     y = batch_norm_act(x, None, None, torch.zeros(5), torch.ones(5), training=False, backend="triton")
     assert y.shape == x.shape
+
+
+NAMES = ("y", "dx", "dweight", "dbias", "dresidual", "running_mean", "running_var")
+
+
+@pytest.mark.parametrize("training", (True, False), ids=("train", "eval"))
+@pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "cl"))
+@pytest.mark.parametrize("shape", ((16, 9 * 8, 16, 16), (8, 9 * 64, 4, 4), (3, 27, 7, 7)),
+                         ids=("16x72x16x16", "8x576x4x4", "3x27x7x7"))
+@cuda_compiled
+def test_cuda_fp32_matches_twin(shape, channels_last, training):
+    # several splits and channel blocks at the real tile sizes; errors relative to each tensor's
+    # largest entry (the sums of N*H*W terms are reduced in another order than in the twin)
+    case = Case(shape, channels_last, device="cuda")
+    got, want = _triton(case, training, True), _twin64(case, training, True)
+    for name, a, b in zip(NAMES, got, want):
+        assert rel_err(a, b) < 2e-5, name
+
+
+@cuda_compiled
+def test_cuda_bf16_channels_last_against_fp32_reference():
+    # the grouped model's layout under autocast; y, dx and dresidual are bf16 (rounded once:
+    # within one bf16 ulp, 2^-8, of the largest entry), the rest fp32
+    case = Case((32, 9 * 64, 16, 16), channels_last=True, dtype=torch.bfloat16, device="cuda")
+    case.dy = case.dy.to(torch.bfloat16).float()
+    got, want = _triton(case, True, True), _twin64(case, True, True)
+    for name, a, b in zip(NAMES, got, want):
+        assert rel_err(a, b) < (2 ** -8 if a.dtype == torch.bfloat16 else 1e-4), name
