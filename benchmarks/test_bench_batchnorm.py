@@ -26,7 +26,6 @@ CUDA = torch.cuda.is_available()
 TRITON_OK = CUDA and dispatch.triton_available() and not dispatch.interpreter_enabled()
 SHAPE = (8, 9 * 4, 8, 8) if QUICK else (128, 9 * 64, 32, 32)
 BACKENDS = ("torch", "triton", "compile")
-_COMPILED = {}
 
 
 def _skip_unless_runnable(backend):
@@ -54,9 +53,10 @@ def _op(backend):
         return lambda *a, **kw: batch_norm_act(*a, backend="triton", **kw)
     if backend == "torch":
         return batch_norm_act_torch
-    if "twin" not in _COMPILED:
-        _COMPILED["twin"] = torch.compile(batch_norm_act_torch)
-    return _COMPILED["twin"]
+    # Dynamo caches graphs per code object, at most a few per function: the 8 configurations of
+    # this file would exhaust that and silently fall back to eager. Each row compiles afresh.
+    torch._dynamo.reset()
+    return torch.compile(batch_norm_act_torch)
 
 
 def _bytes(training, residual, passes, elem):
