@@ -117,6 +117,18 @@ def test_fp32_matches_twin(shape, channels_last, residual, relu, training):
         assert torch.equal(inside, before[LO * case.c:HI * case.c]) != training
 
 
+@pytest.mark.parametrize("channels_last", (False, True), ids=("nchw", "cl"))
+@pytest.mark.parametrize("shape", ((3, 9, 2, 3), (5, 9, 1, 1)), ids=("2x3_planes", "1x1_planes"))
+def test_small_planes(shape, channels_last):
+    # NCHW with tiny planes packs several channels per program (BLOCK_C > 1, a partial block);
+    # 1x1 planes are the same memory in both formats and take the channels_last path
+    case = Case(shape, channels_last)
+    blocks = bn_mod._config(bn_mod._View(case.x), interpreter=True)
+    assert blocks[1] > 1 and shape[1] % blocks[1] != 0
+    for training in (True, False):
+        _assert_close(_triton(case, training, True), _twin64(case, training, True), **FP32_TOL)
+
+
 def _force_small_tiles(monkeypatch, tile=16, programs=12, final_block_s=2):
     """Tiny tiles and many programs: several splits, several loop steps per program, several
     finalize steps; the test asserts they really happen."""
