@@ -579,21 +579,30 @@ def attack_experts(model, x, y, plan: ExpertAttackPlan, generator=None):
             x_adv = pgd_random_start(x_nat, start_eps, generator=generator, validate=False)
         else:
             x_adv = x_nat.clone()
-        for t in range(max(steps)):
-            running = [s > t for s in steps]
-            first = running.index(True)
-            last = n - running[::-1].index(True)
-            span = slice(first, last)
-            xs = x_adv[:, span].contiguous()
-            ys = y_e[:, span]
-            weight = torch.tensor(running[span], dtype=xs.dtype, device=x.device)
-
-            def loss_fn(logits):  # sum over running experts of each one's batch-mean CE
-                m = logits.shape[1]
-                ce = F.cross_entropy(logits.reshape(b * m, -1), ys.reshape(-1), reduction="none")
-                return (ce.view(b, m).mean(dim=0) * weight).sum()
-
-            grad = _input_grad(lambda z: model.experts_forward(z, experts=(lo + first, lo + last)), xs, loss_fn)
-            stepped = pgd_step(xs, grad, x_nat[:, span], alpha_t[:, span], eps_t[:, span], validate=False)
-            x_adv[:, span] = torch.where(weight.bool().view(1, -1, *([1] * (xs.dim() - 2))), stepped, xs)
+        _expert_steps(model, lo, x_adv, x_nat, y_e, steps, alpha_t, eps_t)
     return x_adv
+
+
+def _expert_steps(model, lo, x_adv, x_nat, y_e, steps, alpha_t, eps_t):
+    """attack_experts' step loop, in place on x_adv [B,E',...]: step t forwards only the span of
+    experts that still run and freezes the finished ones inside it."""
+    b, n = x_adv.shape[:2]
+    steps_t = torch.tensor(steps, device=x_adv.device)  # one copy to the device, not one per step
+    for t in range(max(steps)):
+        running = [s > t for s in steps]
+        first = running.index(True)
+        last = n - running[::-1].index(True)
+        span = slice(first, last)
+        xs = x_adv[:, span].contiguous()
+        ys = y_e[:, span]
+        active = steps_t[span] > t
+        weight = active.to(xs.dtype)
+
+        def loss_fn(logits):  # sum over running experts of each one's batch-mean CE
+            m = logits.shape[1]
+            ce = F.cross_entropy(logits.reshape(b * m, -1), ys.reshape(-1), reduction="none")
+            return (ce.view(b, m).mean(dim=0) * weight).sum()
+
+        grad = _input_grad(lambda z: model.experts_forward(z, experts=(lo + first, lo + last)), xs, loss_fn)
+        stepped = pgd_step(xs, grad, x_nat[:, span], alpha_t[:, span], eps_t[:, span], validate=False)
+        x_adv[:, span] = torch.where(active.view(1, -1, *([1] * (xs.dim() - 2))), stepped, xs)

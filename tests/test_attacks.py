@@ -1,5 +1,6 @@
-"""fastmoe_adv.attacks: FGSM / PGD against plain-torch reference loops (and torchattacks when
-installed), invariants, restored model state, restarts, the one-pass per-expert attack, errors."""
+"""fastmoe_adv.attacks: FGSM / PGD (L-inf and L2) against plain-torch reference loops (and torchattacks
+when installed), invariants, projections (hypothesis), losses, restored model state, restarts, the
+one-pass per-expert attack, empty batches, host syncs in the step loops, errors."""
 import pytest
 import torch
 import torch.nn as nn
