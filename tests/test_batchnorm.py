@@ -232,6 +232,35 @@ def test_matches_grouped_batchnorm_module():
     torch.testing.assert_close(mod.running_var, twin.running_var, rtol=1e-6, atol=1e-7)
 
 
+def _block(bn, x, convs, bns, training):
+    """A grouped ResNet basic block with a downsample, 3 experts: relu(bn1(conv1 x)), then
+    relu(bn2(conv2 .) + bn_d(conv_d x)); ``bns`` holds each BN's (weight, bias, running_mean, running_var)."""
+    conv = torch.nn.functional.conv2d
+    out = bn(conv(x, convs[0], stride=2, padding=1, groups=3), *bns[0], training=training)
+    short = bn(conv(x, convs[2], stride=2, groups=3), *bns[2], training=training, relu=False)
+    return bn(conv(out, convs[1], padding=1, groups=3), *bns[1], training=training, residual=short)
+
+
+@pytest.mark.parametrize("training", (True, False), ids=("train", "eval"))
+def test_basic_block_composition(training):
+    # the three uses in a block chained through convolutions: every parameter gradient, the
+    # input gradient and every running buffer match the fp32 twin (both round in fp32)
+    x = torch.randn(3, 3 * 2, 9, 9).to(memory_format=torch.channels_last)
+    convs = [0.3 * torch.randn(3 * 4, 2, 3, 3), 0.3 * torch.randn(3 * 4, 4, 3, 3), 0.5 * torch.randn(3 * 4, 2, 1, 1)]
+    bns = [(0.5 + torch.rand(12), 0.2 * torch.randn(12), 0.1 * torch.randn(12), 0.5 + torch.rand(12))
+           for _ in range(3)]
+    dy = torch.randn(3, 12, 5, 5)
+    results = []
+    for fn in (lambda *a, **kw: batch_norm_act(*a, backend="triton", **kw), batch_norm_act_torch):
+        leaves = [t.clone().requires_grad_(True) for t in [x, *convs] + [t for b in bns for t in b[:2]]]
+        bufs = [t.clone() for b in bns for t in b[2:]]
+        y = _block(fn, leaves[0], leaves[1:4], [(*leaves[4 + 2 * i:6 + 2 * i], *bufs[2 * i:2 * i + 2])
+                                               for i in range(3)], training)
+        results.append([y, *torch.autograd.grad((y * dy).sum(), leaves), *bufs])
+    for i, (a, b) in enumerate(zip(*results)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m, i=i: f"result {i}: {m}")
+
+
 def test_strided_buffers_and_inputs_and_no_affine():
     # running buffers with stride 2, weight/bias None, x neither NCHW nor channels_last dense,
     # residual in the other memory format
