@@ -283,8 +283,9 @@ class Trainer:
     def save(self, done=False) -> str:
         """Checkpoint (a collective under DDP). At the end of a phase ``phase{N}.pt`` is written
         before ``last.pt`` (see state.py). Non-finite weights are never written."""
-        if not bool(torch.stack([p.detach().isfinite().all() for p in self.params]).all()):
-            self._diverged("the weights became non-finite")
+        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]   # BN statistics too
+        if not bool(torch.stack([t.isfinite().all() for t in tensors]).all()):
+            self._diverged("the weights or BatchNorm statistics became non-finite")
         state = self._state(done)
         if self.main:
             if done:
