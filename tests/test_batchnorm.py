@@ -182,9 +182,9 @@ def test_low_precision_against_fp32_reference(dtype, training, channels_last):
     y, dx, dw, db, dres, rm, rv = _triton(case, training, True)
     ref = _twin64(case, training, True)
     assert y.dtype == dx.dtype == dres.dtype == dtype and dw.dtype == rm.dtype == torch.float32
-    # y and dx are computed in fp32 and rounded once: at most half an ulp of the dtype (2^-9 for
-    # bf16, 2^-12 for fp16, relative) above the fp32 error; the statistics, dweight, dbias and
-    # the running buffers stay fp32.
+    # y and dx are computed in fp32 and rounded once: half an ulp of the dtype (2^-8 relative for
+    # bf16, 2^-11 for fp16) above the fp32 error, checked against one ulp (finfo.eps); the
+    # statistics, dweight, dbias and the running buffers stay fp32.
     ulp = torch.finfo(dtype).eps
     for name, a, b in (("y", y, ref[0]), ("dx", dx, ref[1]), ("dresidual", dres, ref[4])):
         torch.testing.assert_close(a.double(), b, rtol=ulp, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
@@ -399,10 +399,10 @@ def test_cuda_fp32_matches_twin(shape, channels_last, training):
 
 @cuda_compiled
 def test_cuda_bf16_channels_last_against_fp32_reference():
-    # the grouped model's layout under autocast; y, dx and dresidual are bf16 (rounded once:
-    # within one bf16 ulp, 2^-8, of the largest entry), the rest fp32
+    # the grouped model's layout under autocast; y, dx and dresidual are bf16, rounded once (half
+    # an ulp, 2^-8 relative; checked against one ulp of the largest entry), the rest fp32
     case = Case((32, 9 * 64, 16, 16), channels_last=True, dtype=torch.bfloat16, device="cuda")
     case.dy = case.dy.to(torch.bfloat16).float()
     got, want = _triton(case, True, True), _twin64(case, True, True)
     for name, a, b in zip(NAMES, got, want):
-        assert rel_err(a, b) < (2 ** -8 if a.dtype == torch.bfloat16 else 1e-4), name
+        assert rel_err(a, b) < (2 ** -7 if a.dtype == torch.bfloat16 else 1e-4), name
