@@ -182,3 +182,90 @@ def test_every_config_field_has_a_flag_and_maps_to_the_config():
         with pytest.raises(SystemExit) as info:
             p.parse_args([cmd, "--help"])
         assert info.value.code == 0
+
+
+# ============================================================================ bad input census
+def _tampered(tmp_path, name, edit):
+    path = tmp_path / f"{name}.pt"
+    _tiny_checkpoint(path)
+    payload = torch.load(path, weights_only=True)
+    edit(payload)
+    torch.save(payload, path)
+    return path
+
+
+def _drop_one_weight(p):
+    p["model"].pop(sorted(p["model"])[0])
+
+
+def _reshape_one_weight(p):
+    k = sorted(p["model"])[0]
+    p["model"][k] = torch.zeros(3)
+
+
+def _extra_weight(p):
+    p["model"]["unexpected.weight"] = torch.zeros(1)
+
+
+TAMPERED = {
+    "extra_config_key": lambda p: p["model_config"].update(bogus=1),
+    "model_config_int": lambda p: p.update(model_config=5),
+    "model_not_a_dict": lambda p: p.update(model=[1, 2]),
+    "missing_weight": _drop_one_weight,
+    "misshaped_weight": _reshape_one_weight,
+    "extra_weight": _extra_weight,
+    "wrong_width": lambda p: p["model_config"].update(width=8),
+    "wrong_experts": lambda p: p["model_config"].update(num_experts=2, roles=["clean", "pgd"]),
+    "bad_mix": lambda p: p["model_config"].update(mix="sum"),
+    "no_model": lambda p: p.pop("model"),
+}
+
+
+def test_bad_input_census_one_line_errors_not_tracebacks(capsys, tmp_path):
+    """Every case a user can cause gives one line and exit 2; only an internal bug shows a traceback."""
+    afile = tmp_path / "a_file"
+    afile.write_text("x")
+    cases = {"out_is_a_file": ["pretrain", "--out", str(afile)], "out_dev_null": ["pretrain", "--out", "/dev/null"],
+             "huge_width": ["pretrain", "--width", "100000", "--dataset", "synthetic", "--out", str(tmp_path / "w")],
+             "seed_beyond_64_bits": ["pretrain", "--seed", str(2 ** 64), "--out", str(tmp_path / "s")],
+             "bad_device": ["pretrain", "--device", "tpu", "--out", str(tmp_path / "d")]}
+    for name, edit in TAMPERED.items():
+        cases[name] = ["eval", "--checkpoint", str(_tampered(tmp_path, name, edit)), "--limit", "4", "--no-curve",
+                       "--no-sanity", "--no-gate", "--pgd-steps", "1"]
+    one_line = []
+    for name, args in cases.items():
+        rc = cli.main(args + ["--no-progress"])
+        err = capsys.readouterr().err.strip()
+        ok = rc == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+        one_line.append(name) if ok else None
+        assert ok, (name, rc, err)
+    assert len(one_line) == len(cases) == 15
+
+
+def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(capsys, tmp_path, monkeypatch):
+    import errno
+
+    from fastmoe_adv import checkpoint as ckpt
+    args = ["pretrain", "--dataset", "synthetic", "--train-size", "64", "--width", "4", "--num-experts", "3",
+            "--batch-size", "16", "--steps-scale", "0.04", "--eval-every", "-1", "--checkpoint-every", "1",
+            "--device", "cpu", "--backend", "torch", "--out", str(tmp_path), "--no-progress", "--pretrain-epochs", "2"]
+    real, calls = ckpt.save_checkpoint, {"n": 0}
+
+    def full_after_two(path, payload):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, payload)
+    monkeypatch.setattr(ckpt, "save_checkpoint", full_after_two)
+    rc = cli.main(args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.splitlines() == [err] and "No space left on device" in err
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["progress"]["global_step"] == 2
+
+
+def test_internal_bugs_keep_their_traceback(monkeypatch, tmp_path):
+    def bug(args):
+        raise ValueError("an internal invariant broke")
+    monkeypatch.setitem(cli._COMMANDS, "pretrain", bug)
+    with pytest.raises(ValueError, match="internal invariant"):
+        cli.main(["pretrain", "--out", str(tmp_path)])

@@ -190,3 +190,34 @@ def test_two_process_ddp_matches_single_process_and_trains(tmp_path):
     assert len(payload["rng"]["attack"]) == 2 and len(payload["loaders"]) == 2
     for k, v in payload["model"].items():
         assert torch.equal(v, r0["e2e"]["phase2"][k])
+
+
+def _stop_flag_worker(rank, world, port, tmp):
+    """Counts the collectives the training loop issues for its stop/divergence flags."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank), TRITON_INTERPRET="0")
+    torch.set_num_threads(1)
+    from fastmoe_adv import distributed as distd
+    from fastmoe_adv import train as tr
+
+    calls = {"n": 0}
+    real = distd.dist.all_reduce
+
+    def counting(*args, **kw):
+        calls["n"] += 1
+        return real(*args, **kw)
+    distd.dist.all_reduce = counting
+    try:
+        cfg = _tiny_cfg(pretrain_epochs=2, log_every=4, checkpoint_every=100)   # 4 steps per epoch, 8 in all
+        s1 = tr.pretrain(cfg, Path(tmp) / "run", progress=False, log=lambda *a: None)
+        torch.save({"all_reduce": calls["n"], "steps": s1["global_step"]}, Path(tmp) / f"flags{rank}.pt")
+    finally:
+        distd.dist.all_reduce = real
+
+
+def test_stop_flag_is_agreed_at_log_boundaries_only(tmp_path):
+    """No host sync per step under DDP: one all-reduce per log boundary (steps 4 and 8), not per step."""
+    mp.spawn(_stop_flag_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"flags{rank}.pt")
+        assert got["steps"] == 8 and got["all_reduce"] == 2, got
