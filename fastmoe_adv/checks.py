@@ -6,6 +6,7 @@ value (converted where that is the point, e.g. three floats for a mean).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -14,7 +15,7 @@ from .constants import MAX_CLASSES, MAX_EXPERTS
 
 __all__ = ["check_positive_int", "check_positive_float", "check_choice", "check_rgb_stats", "check_num_experts",
            "check_num_classes", "check_image_tensor", "check_input_dtype", "check_pixel_range",
-           "check_train_batch", "sync_free_context"]
+           "check_train_batch", "sync_free_context", "unchecked_inputs"]
 
 
 def check_positive_int(name: str, value) -> int:
@@ -123,3 +124,20 @@ def check_train_batch(batch: int, training: bool, what: str = "model"):
     if training and batch == 0:
         raise ValueError(f"{what} got an empty batch (B=0) in training mode: BatchNorm has no batch statistics to "
                          f"compute; skip empty batches or call .eval() first")
+
+
+@contextlib.contextmanager
+def unchecked_inputs(model):
+    """``with unchecked_inputs(model): ...``: every submodule with a ``check_inputs`` switch (a
+    ``FastSoftMoE`` / ``ReferenceSoftMoE``, also inside a wrapper such as DDP) skips its per-call
+    pixel check inside the block, restored on exit (also on error). For hot loops whose inputs
+    were checked once at entry or are produced in range by construction (attack steps)."""
+    modules = model.modules() if isinstance(model, torch.nn.Module) else [model]
+    saved = [(m, m.check_inputs) for m in modules if hasattr(m, "check_inputs")]
+    for m, _ in saved:
+        m.check_inputs = False
+    try:
+        yield model
+    finally:
+        for m, flag in saved:
+            m.check_inputs = flag

@@ -230,6 +230,24 @@ def test_check_inputs_switch(cls):
     assert cls(num_experts=3, width=4).check_inputs is True   # default on
 
 
+def test_unchecked_inputs_context_reaches_wrapped_models_and_restores():
+    from fastmoe_adv.checks import unchecked_inputs
+    a, b = fm.FastSoftMoE(num_experts=3, width=4).eval(), fm.ReferenceSoftMoE(num_experts=3, width=4).eval()
+    b.check_inputs = False
+    wrapper = torch.nn.Sequential(a, torch.nn.Identity()).append(b)
+    x = torch.full((1, 3, 8, 8), 2.0)
+    with unchecked_inputs(wrapper) as m:
+        assert m is wrapper and a.check_inputs is False
+        a(x)                                            # out of range, not checked inside
+    assert a.check_inputs is True and b.check_inputs is False
+    with pytest.raises(ValueError, match="max 2.0"):
+        a(x)
+    with pytest.raises(RuntimeError, match="boom"):
+        with unchecked_inputs(a):
+            raise RuntimeError("boom")
+    assert a.check_inputs is True
+
+
 def test_check_inputs_survives_twin_conversion():
     ref = random_reference(3, 4, check_inputs=False)
     assert fm.FastSoftMoE.from_reference(ref).check_inputs is False
