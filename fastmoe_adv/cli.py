@@ -108,6 +108,10 @@ def _add_eval_parser(sub):
     e.add_argument("--no-curve", dest="curve", action="store_false", help="skip the accuracy-versus-eps curve")
     e.add_argument("--no-sanity", dest="sanity", action="store_false", help="skip the gradient-masking checks")
     e.add_argument("--no-gate", dest="gate", action="store_false", help="skip the gate diagnostics")
+    e.add_argument("--preset", default="auto", choices=("auto", "none", "quick", "standard", "full"),
+                   help="AutoAttack-grade sequence run on every image, the number to report: quick (APGD-CE + "
+                        "APGD-T, 20 it.), standard (APGD-CE, APGD-T, Square: AutoAttack's), full (standard + the "
+                        "mixture-adaptive APGD); auto = standard on CUDA, quick on CPU (default)")
     e.add_argument("--experts", action="store_true", help="also evaluate every expert alone")
     e.add_argument("--backend", default="auto", help="auto | triton | torch")
 
@@ -248,7 +252,8 @@ def _cmd_eval(args):
                                    steps=args.pgd_steps, restarts=args.restarts))
     report = ev.robustness(model, images, labels, attacks=specs, batch_size=args.batch_size, device=device,
                            eps_curve=ev.DEFAULT_EPS_CURVE if args.curve else (), curve_steps=args.curve_steps,
-                           seed=args.seed, progress=args.progress, sanity=args.sanity, gate=args.gate)
+                           seed=args.seed, progress=args.progress, sanity=args.sanity, gate=args.gate,
+                           preset=_preset(args.preset, device))
     if args.experts:
         report["experts"] = ev.expert_robustness(model, images, labels, fgsm_eps=args.eps, pgd_eps=args.eps,
                                                  pgd_alpha=args.alpha, pgd_steps=args.pgd_steps,
@@ -264,12 +269,24 @@ def _cmd_eval(args):
     table = accuracy_table(rows, f"PGD-{args.pgd_steps}", f"FGSM {fmt_eps(args.eps)}")
     json_path, md_path = ev.write_report(report, out, name="eval", extra_sections=[_eval_header(report, table)])
     print(table)
+    if report.get("preset"):
+        pre = report["preset"]
+        print(f"{pre['name']} preset (the number to report): {100 * pre['robust_accuracy']:.1f}% robust "
+              f"[{100 * pre['ci95'][0]:.1f}, {100 * pre['ci95'][1]:.1f}]")
+    if report.get("pgd_gap"):
+        print(report["pgd_gap"]["statement"])
     if report["sanity"].get("all_passed") is False:
         print(f"WARNING: sanity checks failed: {report['sanity']['failed']} (see {md_path})")
     for warning in (report.get("gate") or {}).get("warnings", []):
         print(f"WARNING (gate): {warning}")
     print(f"report: {json_path}, {md_path}")
     return 0
+
+
+def _preset(name, device):
+    if name == "none":
+        return None
+    return ("standard" if device.type == "cuda" else "quick") if name == "auto" else name
 
 
 def _eval_header(report, table) -> list:

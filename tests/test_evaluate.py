@@ -100,7 +100,8 @@ def test_ordinary_model_report_and_files(tmp_path):
     assert report["sanity"]["all_passed"], report["sanity"]
     assert {c["name"] for c in report["sanity"]["checks"]} == {
         "curve_monotone", "large_eps_pgd", "pgd_vs_fgsm", "more_steps", "input_gradients",
-        "deterministic_forward", "outputs_not_probabilities"}
+        "deterministic_forward", "outputs_not_probabilities", "zero_loss_gradients", "number_of_classes",
+        "convergence"}
     for c in report["sanity"]["checks"]:
         assert set(c) >= {"name", "passed", "measured", "threshold", "message"}
     assert {"python", "torch", "triton", "fastmoe_adv"} <= set(report["environment"])

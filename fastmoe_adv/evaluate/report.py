@@ -79,6 +79,28 @@ def _accuracy_table(report) -> list:
     return lines
 
 
+def _preset_table(report) -> list:
+    pre = report.get("preset")
+    if not pre:
+        return []
+    lines = ["", f"## Preset: {pre['name']} (per-point worst case; each stage runs on the points still robust)", ""]
+    gap = report.get("pgd_gap")
+    if gap:
+        lines += [f"**{gap['statement']}.**", ""]
+    lines += [f"Robust accuracy {_fmt_acc(pre['robust_accuracy'])} {_fmt_ci(pre.get('ci95'))} "
+              f"({pre['robust_correct']}/{pre['n']}; clean {_fmt_acc(pre['clean_accuracy'])}, {pre['norm']} eps "
+              f"{fmt_eps(pre['eps'])}).", "",
+              "| after stage | robust accuracy | 95% CI | attacked | fooled | seconds | settings |",
+              "|---|---|---|---|---|---|---|"]
+    for st in pre["stages"]:
+        note = f" (skipped: {st['skipped']})" if st.get("skipped") else ""
+        lines.append(f"| {st['name']}{_cell(note)} | {_fmt_acc(st['robust_accuracy'])} | {_fmt_ci(st.get('ci95'))} | "
+                     f"{st['attacked']} | {st['fooled']} | {st['seconds']:.1f} | {_cell(_fmt_value(st['settings']))} |")
+    if pre.get("autoattack"):
+        lines += ["", f"Original autoattack package: {_cell(_fmt_value(pre['autoattack']))}"]
+    return lines
+
+
 def _gate_tables(report) -> list:
     gated = [r for r in report["attacks"].values() if r.get("gate_weights")]
     if not gated:
@@ -128,7 +150,8 @@ def _settings(report) -> list:
 
 def markdown(report, extra_sections=()) -> str:
     """The Markdown report; ``extra_sections``: lists of lines inserted after the accuracy tables."""
-    lines = [f"# Robustness report: {report['model']['class']}", "", *_banner(report), *_accuracy_table(report)]
+    lines = [f"# Robustness report: {report['model']['class']}", "", *_banner(report), *_accuracy_table(report),
+             *_preset_table(report)]
     for section in extra_sections:
         lines += ["", *section]
     lines += [*_gate_tables(report), *_throughput_and_checks(report), *_settings(report)]

@@ -19,6 +19,7 @@ from .. import attacks as _attacks
 from ..attacks import eval_mode
 from ..constants import ATTACK_KINDS, DEFAULT_ALPHA, DEFAULT_EPS
 from ..reporting import environment
+from . import preset as preset_mod
 from .common import Progress, forward, generator, is_moe, model_device_dtype, prepare_data, sync, to_device
 from .sanity import SANITY_THRESHOLDS, GradientMaskingWarning, fgsm_pgd_pair, run_sanity
 
@@ -144,7 +145,7 @@ def evaluate_spec(model, spec, images, labels, *, batch_size, device, dtype, see
 
 def robustness(model, images, labels, attacks=None, batch_size=256, device=None, eps_curve=DEFAULT_EPS_CURVE,
                curve_attack="pgd", curve_steps=10, restarts=1, seed=0, progress=True, sanity=True,
-               gate=True) -> dict:
+               gate=True, preset=None) -> dict:
     """White-box robustness of ``model`` on (images, labels), with gradient-masking sanity checks.
 
     Args:
@@ -164,6 +165,9 @@ def robustness(model, images, labels, attacks=None, batch_size=256, device=None,
         progress: a bar on a terminal, plain progress lines with time left elsewhere.
         sanity: run the gradient-masking sanity checks (sanity.py).
         gate: for a mixture, the gate diagnostics (gate.py) on clean, FGSM and PGD inputs.
+        preset: None, "quick", "standard" or "full" (preset.py): an AutoAttack-grade sequence on
+            every image, whose per-point worst case is the number to report; the report then
+            states how much the PGD attacks overstate it and adds the checks only it allows.
     Returns:
         the report dict (see ``write_report``).
     """
@@ -181,22 +185,30 @@ def robustness(model, images, labels, attacks=None, batch_size=256, device=None,
     ctx = dict(batch_size=batch_size, device=device, dtype=dtype, seed=seed, moe=is_moe(model))
     started = datetime.datetime.now(datetime.timezone.utc)
     t0 = time.perf_counter()
-    bar = Progress(_batch_count(images.shape[0], batch_size, specs, eps_curve, sanity), progress)
+    if preset is not None and preset not in preset_mod.PRESETS:
+        raise ValueError(f"preset: expected None or one of {tuple(preset_mod.PRESETS)}, got {preset!r}")
+    eps = next((s.eps for s in specs if s.kind == "pgd"), DEFAULT_EPS)
+    bar = Progress(_batch_count(images.shape[0], batch_size, specs, eps_curve, sanity)
+                   + preset_mod.stage_count(preset), progress)
     try:
         with eval_mode(model):
             results = {s.name: evaluate_spec(model, s, images, labels, progress=bar, **ctx) for s in specs}
             curve = [_curve_point(evaluate_spec(model, curve_spec(curve_attack, eps, curve_steps), images, labels,
                                                 progress=bar, **ctx)) for eps in eps_curve]
-            checks = run_sanity(model, images, labels, bar, results, curve, curve_steps, specs, **ctx) \
-                if sanity else {"all_passed": None, "skipped": True, "checks": [], "failed": []}
+            robust = preset_mod.run(model, images, labels, preset, eps, seed, batch_size, device, dtype, bar) \
+                if preset else None
+            checks = run_sanity(model, images, labels, bar, results, curve, curve_steps, specs, preset=robust,
+                                eps=eps, **ctx) if sanity else {"all_passed": None, "skipped": True, "checks": [],
+                                                                "failed": []}
             gate_report = _gate_report(model, images, labels, ctx) if gate and ctx["moe"] else None
     finally:
         bar.close()
     settings = {"attacks": [asdict(s) for s in specs], "batch_size": batch_size, "device": str(device),
                 "dtype": str(dtype).replace("torch.", ""), "eps_curve": eps_curve, "curve_attack": curve_attack,
-                "curve_steps": curve_steps, "restarts": restarts, "seed": seed, "sanity": sanity}
+                "curve_steps": curve_steps, "restarts": restarts, "seed": seed, "sanity": sanity, "preset": preset}
     report = _report(model, images, results, curve, checks, settings, started, ctx)
-    report["gate"] = gate_report
+    report["gate"], report["preset"] = gate_report, robust
+    report["pgd_gap"] = preset_mod.gap_statement(results, robust)
     report["wall_time_s"] = time.perf_counter() - t0
     _warn_failed(checks)
     return report

@@ -17,7 +17,14 @@ report, and ``report["sanity"]["all_passed"] = False``. "Noise" below is
   (f) deterministic_forward: two eval-mode forwards agree (same predictions, L2-normalized
       logits within 1e-4: auto-attack's rule); a random forward defeats gradient attacks;
   (g) outputs_not_probabilities: the model returns logits or log-probabilities, not
-      probabilities (cross-entropy on probabilities flattens the gradients).
+      probabilities (cross-entropy on probabilities flattens the gradients);
+  (h) zero_loss_gradients: CE and DLR input gradients at a random start in the eps-ball are
+      not all-zero for more than 1% of the images (AutoAttack's check);
+  (i) number_of_classes: at least 3 (the DLR losses need them);
+  (j) blackbox_vs_whitebox (with a preset holding Square): the black-box attack fools at most
+      1% of the points every gradient attack missed (AutoAttack's check);
+  (k) convergence: accuracy falls by at most a point between the two largest attack budgets
+      (the last two preset stages, else PGD-k vs PGD-2k of check (d)).
 """
 from __future__ import annotations
 
@@ -113,8 +120,9 @@ def fgsm_pgd_pair(specs):
 
 
 def run_sanity(model, images, labels, progress, results, curve, curve_steps, specs, *, batch_size, device, dtype,
-               seed, moe) -> dict:
-    """All checks (a)-(g); ``results``/``curve`` are the full-data evaluations already made."""
+               seed, moe, preset=None, eps=DEFAULT_EPS) -> dict:
+    """All checks (a)-(k); ``results``/``curve``/``preset`` are the full-data evaluations already made."""
+    from . import preset as preset_mod
     from .robustness import evaluate_spec
     ctx = dict(batch_size=batch_size, device=device, dtype=dtype, seed=seed, moe=moe)
     n = min(images.shape[0], SANITY_THRESHOLDS["sanity_batches"] * batch_size)
@@ -129,6 +137,12 @@ def run_sanity(model, images, labels, progress, results, curve, curve_steps, spe
               _more_steps(run, check_eps, steps, n),
               _input_gradient_check(model, images, labels, batch_size, device, dtype, n),
               *_determinism_and_output_checks(model, images, labels, batch_size, device, dtype, n, moe)]
+    num_classes = len(next(iter(results.values()))["per_class_total"]) if results else 0
+    checks += [preset_mod.zero_loss_gradients(model, images, labels, eps, n, batch_size, device, dtype, seed, _check),
+               preset_mod.classes_check(num_classes, _check)]
+    if preset is not None:
+        checks.append(preset_mod.blackbox_check(preset, _check))
+    checks.append(preset_mod.convergence_check(preset, checks[3], _check))
     return {"all_passed": all(c["passed"] for c in checks), "subset_size": n,
             "failed": [c["name"] for c in checks if not c["passed"]],
             "thresholds": dict(SANITY_THRESHOLDS), "checks": checks}
