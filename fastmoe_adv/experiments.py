@@ -27,7 +27,7 @@ from .train import TrainConfig, pretrain, train
 
 __all__ = ["ARMS", "ARM_LABELS", "CPU_SCALE", "GATE_VARIANTS", "matched_pgd_at_config", "phase2_init",
            "evaluate_arm", "run_baselines", "gate_study", "baselines_markdown", "gate_study_markdown", "write_results",
-           "config_for", "main"]
+           "config_for", "subset_npz", "main"]
 
 ARMS = ("pgd_at", "uniform", "gate_only", "dwf")
 ARM_LABELS = {"pgd_at": "(a) one PGD-AT ResNet-18", "uniform": "(b) phase-1 experts, uniform gate",
@@ -274,6 +274,15 @@ def write_results(result: dict, out, name: str, markdown: str) -> None:
     atomic_write_text(out / f"{name}.md", f"# {name}\n\n{markdown}\n## Environment\n\n{env}\n")
 
 
+def subset_npz(root, path, images: int = 18000, seed: int = 0, dataset: str = "cifar10") -> Path:
+    """A seeded ``images``-image subset of ``dataset``'s TRAINING split as an npz file (keeps its mean,
+    std, class names and flip policy), e.g. to carry CIFAR-10 to a machine with an upload limit."""
+    x, y = data.load_dataset(dataset, root=root, split="train", size=images, seed=seed)
+    info = data.dataset_info(dataset, root)
+    return data.save_npz(path, x, y, mean=info["mean"], std=info["std"], classes=info.get("classes"),
+                         flip=info.get("flip"))
+
+
 # ============================================================================ command line
 def _parse_set(items) -> dict:
     """``key=value`` pairs typed by the TrainConfig field (tuples comma-separated, none -> None)."""
@@ -313,8 +322,10 @@ def config_for(recipe: str, data_dir, dataset: str = "cifar10", **changes) -> Tr
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fastmoe_adv.experiments", description=__doc__.split("\n")[0])
-    p.add_argument("study", choices=("baselines", "gate-study"))
+    p.add_argument("study", choices=("baselines", "gate-study", "subset"), help="subset: write --subset-images "
+                   "training images to --out as an .npz file")
     p.add_argument("--data-dir", required=True, help="CIFAR-10 folder (tar.gz or batches) or the .npz file")
+    p.add_argument("--subset-images", type=int, default=18000)
     p.add_argument("--dataset", default="cifar10", help="cifar10 | npz | svhn | synthetic (default cifar10)")
     p.add_argument("--out", required=True, help="run folder (finished phases in it are reused)")
     p.add_argument("--recipe", default="cpu", help="cpu (CPU_SCALE, default) or a recipes.RECIPES name")
@@ -340,6 +351,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.study == "subset":
+        path = subset_npz(args.data_dir, args.out, args.subset_images, args.seed, args.dataset)
+        print(f"wrote {path} ({args.subset_images} training images of {args.dataset})")
+        return 0
     cfg = config_for(args.recipe, args.data_dir, args.dataset, device=args.device, seed=args.seed,
                      **_parse_set(args.set))
     common = dict(eval_images=args.eval_images, pgd_steps=args.pgd_steps, gate_images=args.gate_images,
