@@ -188,7 +188,10 @@ class GroupedResNet18(nn.Module):
     - ``x [B,E',3,H,W]``: one image per active expert (the stem runs with ``groups=E'``);
     - ``experts``: a contiguous range of experts (``slice``, ``range``, ``(lo, hi)`` or an int),
       run on views of the weights; default all;
-    - returns ``[B, E', K]``, batch-major.
+    - returns ``[B, E', K]``, batch-major; an empty batch gives ``[0, E', K]`` in eval mode and
+      an error in train mode (BatchNorm has no batch statistics for zero samples).
+
+    Each grouped layer is called as ``layer(x, lo, hi)`` on experts ``[lo, hi)`` (default all).
     """
 
     def __init__(self, num_experts: int = 9, num_classes: int = 10, width: int = 64, executor: str = "auto"):

@@ -248,6 +248,16 @@ def test_unchecked_inputs_context_reaches_wrapped_models_and_restores():
     assert a.check_inputs is True
 
 
+def test_pixel_check_stands_aside_while_compiling(monkeypatch):
+    # Inside torch.compile tracing (and CUDA graph capture) a device-to-host read breaks the
+    # graph or the capture: the range check is skipped there, the free checks stay.
+    moe = fm.FastSoftMoE(num_experts=3, width=4).eval()
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert torch.isfinite(moe(torch.full((1, 3, 8, 8), 2.0))).all()
+    with pytest.raises(TypeError, match="torch.uint8"):
+        moe(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))
+
+
 def test_check_inputs_survives_twin_conversion():
     ref = random_reference(3, 4, check_inputs=False)
     assert fm.FastSoftMoE.from_reference(ref).check_inputs is False
