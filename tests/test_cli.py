@@ -269,3 +269,10 @@ def test_internal_bugs_keep_their_traceback(monkeypatch, tmp_path):
     monkeypatch.setitem(cli._COMMANDS, "pretrain", bug)
     with pytest.raises(ValueError, match="internal invariant"):
         cli.main(["pretrain", "--out", str(tmp_path)])
+
+
+def test_recipe_gives_defaults_under_explicit_flags():
+    p = cli.build_parser()
+    fast = cli._config_from_args(p.parse_args(["pretrain", "--recipe", "fast", "--width", "8"]))
+    assert fast.width == 8 and fast.holdout == 2000 and fast.bf16 is True and fast.steps_scale == 0.2
+    assert cli._config_from_args(p.parse_args(["pretrain"])) == fm.train.TrainConfig(device="auto", seed=0)
