@@ -250,3 +250,26 @@ def test_train_takes_the_architecture_from_the_init_checkpoint(tmp_path, capsys)
                    str(tmp_path / "p3")])
     err = capsys.readouterr().err
     assert rc == 2 and "--width 8 (checkpoint: 4)" in err and "--num-experts 2 (checkpoint: 3)" in err
+
+
+def test_phase2_logs_gate_statistics_and_warns_on_a_flat_gate(tmp_path):
+    cfg = tiny_cfg(eval_every=0)
+    tr.pretrain(cfg, tmp_path, **QUIET)
+    lines = []
+    tr.train(cfg, tmp_path, progress=False, log=lines.append)
+    evals = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["event"] == "eval" and r["phase"] == 2]
+    assert evals and len(evals[-1]["gate_clean"]) == 3 and "gate_pgd_input_dependence" in evals[-1]
+
+    class Run:
+        main, global_step = True, 7
+        log = lines.append
+    lines.clear()
+    tr.trainer._warn_gate({"gate_clean": [0.005, 0.5, 0.495], "gate_clean_input_dependence": 0.001},
+                          ["clean", "fgsm", "pgd"], Run)
+    assert any("step 7: the gate is effectively constant" in x for x in lines)
+    assert any("expert e0 (clean) gets 0.50%" in x for x in lines)
+    lines.clear()
+    tr.trainer._warn_gate({"gate_clean": [0.3, 0.3, 0.4], "gate_clean_input_dependence": 0.2},
+                          ["clean", "fgsm", "pgd"], Run)
+    assert lines == []

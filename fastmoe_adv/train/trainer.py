@@ -562,11 +562,26 @@ def train(cfg: TrainConfig, out_dir, init=None, resume: bool = False, progress: 
             return loss, correct, y.numel()
 
         def eval_fn(m, images, labels):
-            return mixture_robustness(m, images, labels, cfg.pgd_eps, cfg.pgd_alpha, cfg.eval_pgd_steps_scaled,
-                                      cfg.eval_batch_size, seed=cfg.seed + 12345, gate=True)
+            r = mixture_robustness(m, images, labels, cfg.pgd_eps, cfg.pgd_alpha, cfg.eval_pgd_steps_scaled,
+                                   cfg.eval_batch_size, seed=cfg.seed + 12345, gate=True)
+            _warn_gate(r, list(m.roles), run)
+            return r
 
         run.fit(step_fn, eval_fn, "phase 2 (joint)")
         return run.summary(model.eval())
+
+
+def _warn_gate(result: dict, roles: list, run: Trainer):
+    """Phase-2 logs say when the gate ignores its input or starves an expert (evaluate/gate.py)."""
+    from ..evaluate.gate import GATE_THRESHOLDS
+    if not run.main:
+        return
+    if result.get("gate_clean_input_dependence", 1.0) < GATE_THRESHOLDS["constant_input_dependence"]:
+        run.log(f"warning: step {run.global_step}: the gate is effectively constant (input dependence "
+                f"{result['gate_clean_input_dependence']:.4f}); the mixture is a fixed weighted ensemble")
+    for e, w in enumerate(result.get("gate_clean", [])):
+        if w < GATE_THRESHOLDS["starved_expert_weight"]:
+            run.log(f"warning: step {run.global_step}: expert e{e} ({roles[e]}) gets {w:.2%} of the gate weight")
 
 
 def init_model(cfg: TrainConfig, init, out_dir: Path) -> FastSoftMoE:
