@@ -101,7 +101,7 @@ def role_color(role) -> str:
 
 def _eps_label(eps: float) -> str:
     k = eps * 255
-    return f"{round(k)}" if abs(k - round(k)) < 1e-6 else f"{k:.2g}"
+    return f"{round(k)}" if abs(k - round(k)) < 1e-6 else f"{k:.3g}"
 
 
 def _pct(v):
