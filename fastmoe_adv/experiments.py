@@ -49,6 +49,9 @@ GATE_VARIANTS = {
     "gate_lr_x10": {"gate_lr_scale": 10.0},
     "pgd_only": {"phase2_fgsm_prob": 0.0},
     "fgsm_only": {"phase2_fgsm_prob": 1.0},
+    # FGSM at eps 0 is the clean image: half the phase-2 batches clean, half PGD. The paper's phase 2
+    # attacks every batch, so nothing there rewards sending clean inputs to the clean expert.
+    "clean_half": {"fgsm_eps_set": (0.0,), "phase2_fgsm_prob": 0.5},
 }
 
 
@@ -181,6 +184,7 @@ def run_baselines(cfg: TrainConfig, out, arms=ARMS, eval_images=None, pgd_steps=
             rec = _arm_record(s, wall, p1 + E * s["images_seen"], evaluate_arm(s["model"], x, y, **ev))
             rec["phase1_train_time_s"] = s1["train_time_s"]
         result["arms"][arm] = rec
+        write_json(out / "baselines.partial.json", result)    # what is done so far survives an interruption
     result["budget"] = (f"expert-image passes: DWF = E*(P1+P2)*N = {E}*({cfg.pretrain_epochs}+{cfg.train_epochs})*"
                         f"{n_train}; PGD-AT: one model, {matched_pgd_at_config(cfg).pretrain_epochs} epochs at batch "
                         f"{cfg.batch_size * pgd_at_batch_scale}; uniform: phase 1 only; gate-only: phase 1 + a phase 2 "
@@ -209,6 +213,7 @@ def gate_study(cfg: TrainConfig, out, variants=None, eval_images=None, pgd_steps
                           batch_size=batch_size, seed=cfg.seed)
         result["variants"][name] = {"changes": changes, "train_time_s": s["train_time_s"], "wall_time_s": wall,
                                     "roles": list(s["model"].roles), **ev}
+        write_json(out / "gate_study.partial.json", result)
     result["environment"] = environment(s1.get("device"))
     result["wall_time_s"] = time.perf_counter() - t0
     return result

@@ -96,11 +96,9 @@ def test_frozen_experts_phase2_step_moves_only_the_gate():
 
 
 # ---------------------------------------------------------------------------- real data
-# Measured on 2 shared CPU cores (benchmarks/CIFAR10.md, "Smoke test"): see the numbers there.
-SMOKE = dict(dataset="cifar10", holdout=1000, train_size=4000, width=8, num_experts=3, batch_size=32,
-             pretrain_epochs=3, train_epochs=1, lr=0.05, nesterov=True, schedule="onecycle", steps_scale=0.1,
-             eps_warmup=0.5, eval_every=-1, checkpoint_every=10_000, log_every=50, backend="torch",
-             executor="grouped", device="cpu")
+# The CPU scale of benchmarks/CIFAR10.md (experiments.CPU_SCALE: 3 experts of width 8, 4,000 training
+# images, 3 + 1 epochs, PGD steps x 0.1, attack ramp over half of each phase), seed 0, evaluated on the
+# 1,000-image holdout; the figures it gives and its wall time are recorded there ("Smoke test").
 SMOKE_EVAL_IMAGES = 1000
 
 
@@ -112,19 +110,22 @@ def test_real_cifar10_two_phases_beat_chance_under_pgd20(tmp_path):
                     "cifar-10-python.tar.gz (or cifar-10-batches-py/)")
     from fastmoe_adv import data
     from fastmoe_adv.evaluate import expert_robustness, mixture_robustness
+    from fastmoe_adv.experiments import CPU_SCALE
     from fastmoe_adv.train import pretrain, train
 
     t0 = time.perf_counter()
-    cfg = TrainConfig(**SMOKE, data_dir=str(root), seed=0)
+    # backend "torch": under the tests' TRITON_INTERPRET=1, "auto" would run the Triton interpreter.
+    cfg = TrainConfig(**CPU_SCALE, data_dir=str(root), seed=0, device="cpu", backend="torch", executor="grouped")
+    assert cfg.holdout == SMOKE_EVAL_IMAGES
     s1 = pretrain(cfg, tmp_path, progress=False, log=lambda *a: None)
     s2 = train(cfg, tmp_path, progress=False, log=lambda *a: None)
     x, y = data.load_dataset("cifar10", root=root, split="holdout", holdout=cfg.holdout)
     assert len(y) == SMOKE_EVAL_IMAGES
     experts = expert_robustness(s1["model"], x, y, fgsm_eps=None, pgd_steps=20, batch_size=250)
     mixture = mixture_robustness(s2["model"], x, y, pgd_steps=20, batch_size=250)
-    wall = time.perf_counter() - t0
-    print(f"\nreal CIFAR-10 smoke: experts {experts}, mixture {mixture}, {wall:.0f} s")
+    print(f"\nreal CIFAR-10 smoke: experts {experts}, mixture {mixture}, {time.perf_counter() - t0:.0f} s")
     clean_pgd, fgsm_pgd, pgd_pgd = experts["pgd"]
+    # 1,000 images: a 95% interval is about +-2.5 points around these accuracies.
     assert mixture["clean"] > 0.30, mixture
-    assert mixture["pgd"] > 0.15, mixture            # chance is 10%; 1,000 images: +-2.3 points (95%)
-    assert min(fgsm_pgd, pgd_pgd) > clean_pgd + 0.05, experts
+    assert mixture["pgd"] > 0.15, mixture            # chance is 10%
+    assert min(fgsm_pgd, pgd_pgd) > clean_pgd + 0.08, experts
