@@ -276,7 +276,13 @@ def _cmd_eval(args):
     if args.experts:
         rows = role_rows(model.roles, report["experts"]) + rows
     table = accuracy_table(rows, f"PGD-{args.pgd_steps}", f"FGSM {fmt_eps(args.eps)}")
-    json_path, md_path = ev.write_report(report, out, name="eval", extra_sections=[_eval_header(report, table)])
+    from .evaluate.figures import evaluation_figures, expert_curves
+    curve_eps = [p["eps"] for p in report["curve"]["points"]]
+    experts_curve = expert_curves(model, images, labels, curve_eps, args.curve_steps, args.batch_size, args.seed) \
+        if args.experts and curve_eps else None
+    figures = evaluation_figures(report, out, experts_curve)
+    json_path, md_path = ev.write_report(report, out, name="eval",
+                                         extra_sections=[_eval_header(report, table), figures])
     print(table)
     if report.get("preset"):
         pre = report["preset"]

@@ -276,3 +276,21 @@ def test_recipe_gives_defaults_under_explicit_flags():
     fast = cli._config_from_args(p.parse_args(["pretrain", "--recipe", "fast", "--width", "8"]))
     assert fast.width == 8 and fast.holdout == 2000 and fast.bf16 is True and fast.steps_scale == 0.2
     assert cli._config_from_args(p.parse_args(["pretrain"])) == fm.train.TrainConfig(device="auto", seed=0)
+
+
+def test_eval_with_preset_experts_and_figures(tmp_path, capsys):
+    path = tmp_path / "m.pt"
+    _tiny_checkpoint(path)
+    out = tmp_path / "o"
+    rc = cli.main(["eval", "--checkpoint", str(path), "--dataset", "synthetic", "--limit", "8", "--pgd-steps", "2",
+                   "--curve-steps", "1", "--no-sanity", "--experts", "--preset", "quick", "--backend", "torch",
+                   "--no-progress", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "quick preset (the number to report)" in printed and "overstates robust accuracy by" in printed
+    report = json.loads((out / "eval.json").read_text())
+    assert report["preset"]["name"] == "quick" and report["checkpoint"]["train_config"]["width"] == 4
+    md = (out / "eval.md").read_text()
+    assert "## Checkpoint and data" in md and "## Mixture and experts" in md and "## Preset: quick" in md
+    for png in ("accuracy_vs_eps.png", "gate_usage.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({png})" in md

@@ -92,3 +92,9 @@ def test_kernels_import_nothing_of_the_package_above_them():
 def test_the_layer_check_catches_an_upward_import(tmp_path):
     tree = ast.parse("from ..train import TrainConfig\nfrom .. import cli\nfrom . import common\n")
     assert _imported(PACKAGE / "evaluate" / "x.py", tree) == {"train", "cli", "evaluate"}
+
+
+def test_the_fused_mix_limits_have_one_value():
+    from fastmoe_adv import constants
+    from fastmoe_adv.kernels import gated_mix
+    assert (constants.MAX_EXPERTS, constants.MAX_CLASSES) == (gated_mix.MAX_EXPERTS, gated_mix.MAX_CLASSES)

@@ -29,6 +29,8 @@ def write_phase_report(summary: dict, out: Path, name: str, wall_s: float) -> di
         lines.append("- this phase had already finished: figures and config are the checkpoint's")
     if last_eval:
         lines.append("- last held-out evaluation: " + ", ".join(f"{k}={v}" for k, v in last_eval.items()))
+    from ..evaluate.figures import training_figure
+    lines += ["", *training_figure(Path(out) / "metrics.jsonl", out)]
     lines += ["", "## Config", "", "```json", json.dumps(cfg, indent=2), "```", "", "## Versions and hardware", ""]
     lines += [f"- {k}: {v}" for k, v in rep["environment"].items()]
     atomic_write_text(Path(out) / f"{name}_report.md", "\n".join(lines) + "\n")
