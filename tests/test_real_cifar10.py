@@ -95,6 +95,30 @@ def test_frozen_experts_phase2_step_moves_only_the_gate():
     assert "fc.weight" in moved and "bn1.running_mean" in moved
 
 
+# ---------------------------------------------------------------------------- recipes
+def test_recipes_match_the_config_names_and_build_valid_configs():
+    from fastmoe_adv.recipes import FAST_ESTIMATE_S, RECIPES, recipe
+    from fastmoe_adv.train.config import RECIPES as CONFIG_RECIPE_NAMES
+    assert tuple(RECIPES) == tuple(CONFIG_RECIPE_NAMES) and RECIPES["paper"] == {}
+    for name in RECIPES:
+        TrainConfig(**recipe(name))
+    fast = TrainConfig(**recipe("fast"))
+    assert fast.holdout >= 2000 and fast.num_experts == 9 and fast.width == 64
+    assert sum(FAST_ESTIMATE_S.values()) < 0.9 * 540     # the 9-minute budget with a margin
+    recipe("fast")["width"] = 1                           # a copy: the recipe itself is unchanged
+    assert RECIPES["fast"]["width"] == 64
+    with pytest.raises(ValueError, match="recipe"):
+        recipe("nope")
+
+
+def test_matched_pgd_at_budget_equals_dwf_expert_image_passes():
+    from fastmoe_adv.experiments import matched_pgd_at_config
+    cfg = TrainConfig(num_experts=3, pretrain_epochs=3, train_epochs=1, batch_size=32)
+    single = matched_pgd_at_config(cfg)
+    assert (single.num_experts, single.roles, single.pretrain_epochs, single.batch_size) == (1, ("pgd",), 12, 32)
+    assert matched_pgd_at_config(cfg, 3).batch_size == 96
+
+
 # ---------------------------------------------------------------------------- real data
 # The CPU scale of benchmarks/CIFAR10.md (experiments.CPU_SCALE: 3 experts of width 8, 4,000 training
 # images, 3 + 1 epochs, PGD steps x 0.1, attack ramp over half of each phase), seed 0, evaluated on the
