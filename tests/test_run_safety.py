@@ -273,3 +273,22 @@ def test_phase2_logs_gate_statistics_and_warns_on_a_flat_gate(tmp_path):
     tr.trainer._warn_gate({"gate_clean": [0.3, 0.3, 0.4], "gate_clean_input_dependence": 0.2},
                           ["clean", "fgsm", "pgd"], Run)
     assert lines == []
+
+
+def test_the_training_loop_never_runs_the_per_call_pixel_check(tmp_path, monkeypatch):
+    """The check is a host sync per forward on a GPU; inside the loop inputs are valid by construction."""
+    from fastmoe_adv import checks
+    calls = {"n": 0}
+    real = checks.check_pixel_range
+
+    def counting(x):
+        calls["n"] += 1
+        return real(x)
+    monkeypatch.setattr(checks, "check_pixel_range", counting)
+    cfg = tiny_cfg(log_every=100, checkpoint_every=100)
+    tr.pretrain(cfg, tmp_path, **QUIET)
+    tr.train(cfg, tmp_path, **QUIET)
+    assert calls["n"] == 0
+    model = tr.load_model(tmp_path / "phase2.pt")
+    model(torch.rand(2, 3, 8, 8))            # outside the loop the check is on
+    assert calls["n"] == 1 and model.check_inputs
