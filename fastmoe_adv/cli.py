@@ -239,8 +239,8 @@ def _eval_data(args, payload, model):
 
 
 def _cmd_eval(args):
-    from . import checkpoint as ckpt
     from . import evaluate as ev
+    from .checkpoint import load_checkpoint
     from .demo import accuracy_table, role_rows
     from .distributed import resolve_device
     from .reporting import fmt_eps
@@ -251,7 +251,7 @@ def _cmd_eval(args):
         raise CLIError(f"checkpoint not found: {path}")
     _check_eval_args(args)
     device = resolve_device(args.device)
-    payload = ckpt.load_checkpoint(path, map_location="cpu")
+    payload = load_checkpoint(path, map_location="cpu")
     model = model_from_payload(payload, str(path), map_location=device, backend=args.backend).eval()
     images, labels, data_info = _eval_data(args, payload, model)
     out = Path(args.out) if args.out else path.parent / f"eval_{path.stem}"

@@ -95,7 +95,8 @@ def test_the_layer_check_catches_an_upward_import(tmp_path):
 
 
 def test_the_fused_mix_limits_have_one_value():
-    from fastmoe_adv import constants
     import importlib
+
+    from fastmoe_adv import constants
     gated_mix = importlib.import_module("fastmoe_adv.kernels.gated_mix")
     assert (constants.MAX_EXPERTS, constants.MAX_CLASSES) == (gated_mix.MAX_EXPERTS, gated_mix.MAX_CLASSES)

@@ -51,10 +51,10 @@ def prepare_data(images, labels):
     if images.dtype == torch.uint8:
         pass
     elif images.is_floating_point():
-        _attacks._check_images(images, name="images")
+        _attacks.check_images(images, name="images")
     else:
         raise ValueError(f"images: expected uint8 (0..255) or float in [0, 1], got dtype {images.dtype}")
-    labels = _attacks._check_labels(labels, [(images.shape[0],)], "cpu", name="labels")
+    labels = _attacks.check_labels(labels, [(images.shape[0],)], "cpu", name="labels")
     if images.shape[0] == 0:
         raise ValueError("images: expected at least one image, got N = 0")
     return images, labels
@@ -74,7 +74,7 @@ def forward(model, x, moe):
             if isinstance(out, MoEOutput):
                 return out.logits, out.gate_weights
             return out[0], out[2]
-        return _attacks._logits(model(x)), None
+        return _attacks.logits_of(model(x)), None
 
 
 class Progress:

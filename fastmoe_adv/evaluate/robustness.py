@@ -26,7 +26,7 @@ from .sanity import SANITY_THRESHOLDS, GradientMaskingWarning, fgsm_pgd_pair, ru
 __all__ = ["robustness", "AttackSpec", "default_attacks", "evaluate_spec", "curve_spec", "wilson_interval",
            "DEFAULT_EPS_CURVE"]
 
-DEFAULT_EPS_CURVE = (0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)
+DEFAULT_EPS_CURVE = tuple(k / 255 for k in (0, 1, 2, 4, 8, 16))   # pixel scale
 
 
 def wilson_interval(correct: int, total: int, z: float = 1.959964) -> list:
@@ -63,11 +63,11 @@ class AttackSpec:
             raise ValueError(f"AttackSpec.name must be a non-empty str, got {self.name!r}")
         if self.kind not in ATTACK_KINDS:
             raise ValueError(f"AttackSpec.kind must be one of {ATTACK_KINDS}, got {self.kind!r}")
-        object.__setattr__(self, "eps", _attacks._check_number("AttackSpec.eps", self.eps))
-        object.__setattr__(self, "alpha", _attacks._check_number("AttackSpec.alpha", self.alpha))
-        object.__setattr__(self, "steps", _attacks._check_number("AttackSpec.steps", self.steps, integer=True))
+        object.__setattr__(self, "eps", _attacks.check_number("AttackSpec.eps", self.eps))
+        object.__setattr__(self, "alpha", _attacks.check_number("AttackSpec.alpha", self.alpha))
+        object.__setattr__(self, "steps", _attacks.check_number("AttackSpec.steps", self.steps, integer=True))
         object.__setattr__(self, "restarts",
-                           _attacks._check_number("AttackSpec.restarts", self.restarts, integer=True, minimum=1))
+                           _attacks.check_number("AttackSpec.restarts", self.restarts, integer=True, minimum=1))
         if not isinstance(self.random_start, bool):
             raise ValueError(f"AttackSpec.random_start must be a bool, got {self.random_start!r}")
 
@@ -117,7 +117,7 @@ def evaluate_spec(model, spec, images, labels, *, batch_size, device, dtype, see
         sync(device)
         seconds += time.perf_counter() - t0
         k = logits.shape[-1]
-        _attacks._check_label_range(y, k, name="labels")
+        _attacks.check_label_range(y, k, name="labels")
         if class_correct is None:
             class_correct = torch.zeros(k, dtype=torch.long)
             class_total = torch.zeros(k, dtype=torch.long)
@@ -173,12 +173,12 @@ def robustness(model, images, labels, attacks=None, batch_size=256, device=None,
     """
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    batch_size = _attacks._check_number("batch_size", batch_size, integer=True, minimum=1)
-    curve_steps = _attacks._check_number("curve_steps", curve_steps, integer=True, minimum=1)
-    restarts = _attacks._check_number("restarts", restarts, integer=True, minimum=1)
+    batch_size = _attacks.check_number("batch_size", batch_size, integer=True, minimum=1)
+    curve_steps = _attacks.check_number("curve_steps", curve_steps, integer=True, minimum=1)
+    restarts = _attacks.check_number("restarts", restarts, integer=True, minimum=1)
     if curve_attack not in ("pgd", "fgsm"):
         raise ValueError(f"curve_attack must be 'pgd' or 'fgsm', got {curve_attack!r}")
-    eps_curve = sorted({_attacks._check_number("eps_curve value", e) for e in (eps_curve or ())})
+    eps_curve = sorted({_attacks.check_number("eps_curve value", e) for e in (eps_curve or ())})
     specs = _check_specs(default_attacks(restarts) if attacks is None else list(attacks))
     images, labels = prepare_data(images, labels)
     device, dtype = model_device_dtype(model, device)

@@ -70,7 +70,7 @@ def _input_gradient_check(model, images, labels, batch_size, device, dtype, n):
         x = to_device(images[start:stop], device, dtype)
         y = labels[start:stop].to(device)
         # Sum, not mean, of the per-image losses: each image's gradient is its own.
-        grad = _attacks._input_grad(model, x, lambda out: F.cross_entropy(_attacks._logits(out), y, reduction="sum"))
+        grad = _attacks.input_grad(model, x, lambda out: F.cross_entropy(_attacks.logits_of(out), y, reduction="sum"))
         finite &= bool(torch.isfinite(grad).all())
         zero += int((grad.flatten(1) == 0).all(dim=1).sum())
     frac = zero / n

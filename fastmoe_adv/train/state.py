@@ -15,7 +15,7 @@ import socket
 import time
 from pathlib import Path
 
-from .. import checkpoint as ckpt
+from .. import checkpoint
 from ..data import dataset_info
 from ..errors import CheckpointError, ConfigError, RunDirError
 from ..moe import FastSoftMoE
@@ -83,7 +83,7 @@ def _load_weights(model, weights: dict, where: str):
 def load_model(checkpoint_path, map_location="cpu", backend: str = "auto", executor: str = "auto") -> FastSoftMoE:
     """The ``FastSoftMoE`` saved in a training checkpoint, in eval mode (loaded with
     ``weights_only=True``: a file that needs code to unpickle is refused with ``UnsafeCheckpointError``)."""
-    payload = ckpt.load_checkpoint(checkpoint_path, map_location=map_location)
+    payload = checkpoint.load_checkpoint(checkpoint_path, map_location=map_location)
     return model_from_payload(payload, str(checkpoint_path), map_location, backend, executor).eval()
 
 
@@ -195,7 +195,7 @@ class RunDir:
             raise RunDirError(f"resume: {self.last} is from phase {last_phase} but {self.final} is missing")
         self._check_config(last, cfg, self.last)
         if last.get("done"):      # killed between the two final writes: phaseN.pt is last.pt
-            ckpt.save_checkpoint(self.final, last)
+            checkpoint.save_checkpoint(self.final, last)
             log(f"resume: recovered {self.final} from the finished {self.last}")
             return "done", last
         return "resume", last
@@ -227,7 +227,7 @@ class RunDir:
 
     @staticmethod
     def _load(path: Path) -> dict:
-        payload = ckpt.load_checkpoint(path, map_location="cpu")
+        payload = checkpoint.load_checkpoint(path, map_location="cpu")
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{path}: not a fastmoe_adv training checkpoint (format "
                                   f"{payload.get('format') if isinstance(payload, dict) else type(payload).__name__!r},"

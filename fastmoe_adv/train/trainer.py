@@ -23,9 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .. import checkpoint as ckpt
-from .. import data
-from .. import distributed as dist
+from .. import checkpoint, data, distributed
 from ..autotune import ENV_VAR as EXECUTOR_ENV
 from ..checks import unchecked_inputs
 from ..errors import TrainingDiverged, user_input
@@ -160,7 +158,7 @@ def _stream_seed(seed: int, phase: int, stream: int) -> int:
     return (seed * 1_000_003 + phase * 10_007 + stream * 101) % (2 ** 62)
 
 
-def _wrap_ddp(net: nn.Module, info: dist.DistInfo) -> nn.Module:
+def _wrap_ddp(net: nn.Module, info: distributed.DistInfo) -> nn.Module:
     if not info.distributed:
         return net
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -177,7 +175,7 @@ class Trainer:
         self.cfg, self.phase, self.progress, self.log = cfg.validate(), phase, progress, log
         self.run_dir = RunDir(out_dir, phase)
         self.run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-        self.dist = dist.setup(cfg.device)
+        self.dist = distributed.setup(cfg.device)
         self.device, self.main = self.dist.device, self.dist.is_main
         self.history, self.images = [], None
         try:
@@ -197,7 +195,7 @@ class Trainer:
     def close(self):
         if self.main:
             self.run_dir.close()
-        dist.cleanup(self.dist)
+        distributed.cleanup(self.dist)
 
     def _start_state(self, resume, overwrite):
         """Rank 0 locks the folder and decides; the other ranks follow its decision."""
@@ -211,12 +209,12 @@ class Trainer:
                 decision = ("error", f"{type(exc).__name__}: {exc}")
                 if not self.dist.distributed:
                     raise
-        decision = dist.broadcast_object(decision)
+        decision = distributed.broadcast_object(decision)
         if decision[0] == "error":
             raise RuntimeError(f"rank 0 could not start the run: {decision[1]}")
         if not self.main and decision[0] != "fresh":
             path = self.run_dir.final if decision[0] == "done" else self.run_dir.last
-            payload = ckpt.load_checkpoint(path, map_location="cpu")
+            payload = checkpoint.load_checkpoint(path, map_location="cpu")
         return decision[0], (payload if decision[0] != "fresh" else None)
 
     # -------------------------------------------------------------- data
@@ -265,13 +263,13 @@ class Trainer:
             self._restore(self.payload)
 
     def _state(self, done: bool) -> dict:
-        loaders = dist.all_gather_object(self.streams.state_dict())
-        attack_states = dist.all_gather_object(self.attack_gen.get_state().cpu())
-        return ckpt.to_plain({
+        loaders = distributed.all_gather_object(self.streams.state_dict())
+        attack_states = distributed.all_gather_object(self.attack_gen.get_state().cpu())
+        return checkpoint.to_plain({
             "format": CHECKPOINT_FORMAT, "phase": self.phase, "done": done,
             "model": self.model.state_dict(), "model_config": self.model.config(), "train_config": self.cfg.to_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.schedule.state_dict(),
-            "rng": {"torch": ckpt.capture_rng_state(), "choice": self.choice_gen.get_state(),
+            "rng": {"torch": checkpoint.capture_rng_state(), "choice": self.choice_gen.get_state(),
                     "attack": attack_states},
             "loaders": loaders, "world_size": self.dist.world_size,
             "executor": {"config": self.cfg.executor, "env": os.environ.get(EXECUTOR_ENV)},
@@ -290,9 +288,9 @@ class Trainer:
         state = self._state(done)
         if self.main:
             if done:
-                ckpt.save_checkpoint(self.run_dir.final, state)
-            ckpt.save_checkpoint(self.run_dir.last, state)
-        dist.barrier()
+                checkpoint.save_checkpoint(self.run_dir.final, state)
+            checkpoint.save_checkpoint(self.run_dir.last, state)
+        distributed.barrier()
         return str(self.run_dir.last)
 
     def _restore(self, payload):
@@ -311,7 +309,7 @@ class Trainer:
         self.timer = _Timer(self.device, float(prog["train_time_s"]))
         if "window" in prog:
             self.window.load_state_dict(prog["window"], self.device)
-        ckpt.restore_rng_state(payload["rng"]["torch"])
+        checkpoint.restore_rng_state(payload["rng"]["torch"])
         self.choice_gen.set_state(payload["rng"]["choice"])
         self.attack_gen.set_state(payload["rng"]["attack"][self.dist.rank].to("cpu"))
         self.streams.load_state_dict(payload["loaders"][self.dist.rank])
@@ -415,7 +413,7 @@ class Trainer:
         if self.dist.distributed and not at_log:
             return
         diverged = at_log and not self._last_window_finite
-        stopping, diverged = dist.any_true([stop.signum is not None, diverged], self.device)
+        stopping, diverged = distributed.any_true([stop.signum is not None, diverged], self.device)
         if diverged:
             self._diverged("the training loss became non-finite")
         if stopping:
@@ -482,7 +480,7 @@ def _fmt(v):
     return str(v)
 
 
-def _check_runtime(cfg: TrainConfig, info: dist.DistInfo):
+def _check_runtime(cfg: TrainConfig, info: distributed.DistInfo):
     """What the whole pipeline needs, checked before the first step (not after a phase)."""
     from ..errors import ConfigError
     from ..kernels import dispatch
@@ -597,7 +595,7 @@ def init_model(cfg: TrainConfig, init, out_dir: Path) -> FastSoftMoE:
     if not path.exists():
         raise FileNotFoundError(f"phase-2 init checkpoint not found: {path} (run pretrain first, or pass "
                                 f"--init PATH / init=)")
-    payload = ckpt.load_checkpoint(path, map_location="cpu")
+    payload = checkpoint.load_checkpoint(path, map_location="cpu")
     return model_from_payload(payload, str(path), None, cfg.backend, cfg.executor)
 
 
