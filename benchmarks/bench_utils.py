@@ -187,3 +187,41 @@ def models(device, width, layout="nchw", experts=9, classes=10):
     for p in list(ref.parameters()) + list(fast.parameters()):
         p.grad = None
     return ref, fast
+
+
+# ----------------------------------------------------------------------------- kernels (one file per op)
+def triton_timeable() -> bool:
+    """Triton rows need compiled kernels on a GPU; an interpreted kernel would time numpy."""
+    from fastmoe_adv.kernels import dispatch
+    return cuda_ok() and dispatch.triton_available() and not dispatch.interpreter_enabled()
+
+
+def skip_unless_runnable(backend: str):
+    if backend == "triton" and not triton_timeable():
+        pytest.skip("triton rows need CUDA with compiled kernels (the interpreter is never timed)")
+
+
+def run_kernel(benchmark, fn, group, backend, nbytes, path, **info):
+    """Time a kernel (synchronized on CUDA), then record device, versions, sizes and GB/s. The
+    torch twin is each group's reference row; a copy row is the bandwidth yardstick. This is the
+    host timer around a synchronize: on a GPU it includes the launch path."""
+    device = "cuda" if cuda_ok() else "cpu"
+    benchmark.group = group
+    benchmark.extra_info.update(device=device, device_name=device_name(device), backend=backend, path=path,
+                                reference=backend == "torch", bytes_moved=nbytes, quick=QUICK, **versions(), **info)
+
+    def timed():
+        fn()
+        sync(device)
+
+    for _ in range(3):  # warm up: compile / autotune caches, allocator
+        timed()
+    if QUICK:  # CI smoke mode: a few rounds, not pytest-benchmark's one-second budget
+        benchmark.pedantic(timed, rounds=3, iterations=1)
+    else:
+        benchmark(timed)
+    stats = getattr(benchmark, "stats", None)
+    median = getattr(getattr(stats, "stats", None), "median", None) if stats is not None else None
+    if device == "cuda" and median:
+        benchmark.extra_info["median_s"] = median
+        benchmark.extra_info["achieved_GBps"] = nbytes / median / 1e9
