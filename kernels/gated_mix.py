@@ -366,6 +366,10 @@ def gated_mix(expert_logits, gate_logits, mode="logits", temperature=1.0, return
     Raises:
         ValueError on bad rank, mismatched B/E, device or dtype, E > 64, K > 1024,
         temperature <= 0 or an unknown mode (the message names expected vs given).
+
+    Values are not checked: a NaN or Inf in a row's inputs gives a NaN in that row's output (both
+    backends; other rows are unaffected). Refusing them would cost a device sync per call in
+    the hot loop; ``FastSoftMoE`` checks its images before they reach the experts instead.
     """
     B, E, K, mode_id, temperature = _check_inputs(expert_logits, gate_logits, mode, temperature)
     if not use_triton(expert_logits, backend):

@@ -313,3 +313,17 @@ def test_public_exports():
 
 def test_kernels_compile_for_sm90(tmp_path):
     assert_kernels_compile_for_sm90("gated_mix", tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["logits", "probs"])
+def test_non_finite_inputs_poison_only_their_row_on_both_backends(mode):
+    """Documented: values are not checked; a NaN/Inf row gives NaN there and nowhere else."""
+    torch.manual_seed(0)
+    z, g = torch.randn(5, 3, 10), torch.randn(5, 3)
+    z[1, 2, 4] = float("nan")
+    g[3, 0] = float("inf")
+    for backend in ("torch", "triton"):
+        out = gated_mix(z, g, mode=mode, backend=backend)
+        bad = ~torch.isfinite(out).all(dim=1)
+        assert bad.tolist() == [False, True, False, True, False], backend
+        assert torch.allclose(out[bad.logical_not()], gated_mix_torch(z, g, mode)[bad.logical_not()], atol=1e-5)
