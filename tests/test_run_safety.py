@@ -292,3 +292,24 @@ def test_the_training_loop_never_runs_the_per_call_pixel_check(tmp_path, monkeyp
     model = tr.load_model(tmp_path / "phase2.pt")
     model(torch.rand(2, 3, 8, 8))            # outside the loop the check is on
     assert calls["n"] == 1 and model.check_inputs
+
+
+def test_phase1_streams_share_one_copy_of_the_training_set(tmp_path, monkeypatch):
+    """Nine expert streams, one device copy of the images (not nine), independent orders."""
+    seen = []
+    real = tr.trainer._Streams.__init__
+
+    def spy(self, loaders, stack):
+        seen.append(loaders)
+        real(self, loaders, stack)
+    monkeypatch.setattr(tr.trainer._Streams, "__init__", spy)
+    tr.pretrain(tiny_cfg(), tmp_path, **QUIET)
+    loaders = seen[0]
+    assert len(loaders) == 3 and len({ld.images.data_ptr() for ld in loaders}) == 1
+    assert len({ld.seed for ld in loaders}) == 3
+
+
+def test_phase1_throughput_counts_every_experts_images(tmp_path):
+    """A phase-1 step trains B images per expert: images_seen and img/s count B x E."""
+    s = tr.pretrain(tiny_cfg(), tmp_path, **QUIET)
+    assert s["images_seen"] == s["global_step"] * 16 * 3
