@@ -11,6 +11,10 @@ Two executors compute the same function over the same parameters:
 - ``"loop"``: the experts one after another (each a plain convolution on its weight slice).
 Which is faster is a measured fact per device (see ``fastmoe_adv.autotune``); ``"auto"``
 asks it.
+
+Every BatchNorm runs together with what follows it in a basic block (``relu(bn(x) [+ residual])``),
+through ``bn_backend``: ``"torch"`` (F.batch_norm, add, relu: the twin, the default) or the fused
+Triton op ``fastmoe_adv.kernels.batch_norm_act`` (``"triton"``; ``"auto"``: Triton where it runs).
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .checks import check_choice, check_positive_int, check_train_batch
-from .constants import EXECUTORS
+from .constants import BACKENDS, EXECUTORS
+from .kernels import batch_norm_act
 from .resnet import BLOCKS_PER_STAGE, STAGE_STRIDES, ResNet18, _check_classes, _check_width, stage_widths
 
 __all__ = ["GroupedResNet18", "GroupedConv2d", "GroupedBatchNorm2d", "GroupedLinear", "EXECUTORS"]
@@ -93,17 +98,27 @@ class GroupedBatchNorm2d(nn.Module):
         if self.training:
             self.num_batches_tracked[lo:hi].add_(1)
 
-    def forward(self, x, lo=0, hi=None, params=None):
-        """``x [B, (hi-lo)*C, H, W]``. With ``params`` (this range's ``(weight, bias)``) the caller
-        counts the batch (``count_batch``), once for all the experts it runs."""
+    def forward(self, x, lo=0, hi=None, params=None, relu=False, residual=None, backend="torch"):
+        """``relu(bn(x) + residual)`` on ``x [B, (hi-lo)*C, H, W]`` (``relu`` and ``residual``
+        optional). With ``params`` (this range's ``(weight, bias)``) the caller counts the batch
+        (``count_batch``), once for all the experts it runs. ``backend``: ``"torch"`` runs
+        F.batch_norm, the add and F.relu (the twin of ``batch_norm_act``, inline: the op's
+        per-call checks would only re-check this module's own tensors); ``"triton"`` / ``"auto"``
+        go through the fused ``batch_norm_act``."""
         hi = self.num_experts if hi is None else hi
         c, n = self.num_features, self.num_experts
         if params is None:
             self.count_batch(lo, hi)
             params = (_rows(self.weight, lo, hi, n, c), _rows(self.bias, lo, hi, n, c))
         # Views of the running buffers: train mode updates the active experts' stats in place.
-        return F.batch_norm(x, _rows(self.running_mean, lo, hi, n, c), _rows(self.running_var, lo, hi, n, c),
-                            params[0], params[1], self.training, self.momentum, self.eps)
+        rm, rv = _rows(self.running_mean, lo, hi, n, c), _rows(self.running_var, lo, hi, n, c)
+        if backend != "torch":
+            return batch_norm_act(x, params[0], params[1], rm, rv, training=self.training, momentum=self.momentum,
+                                  eps=self.eps, relu=relu, residual=residual, backend=backend)
+        y = F.batch_norm(x, rm, rv, params[0], params[1], self.training, self.momentum, self.eps)
+        if residual is not None:
+            y = y + residual
+        return F.relu(y) if relu else y
 
     def extra_repr(self):
         return f"experts={self.num_experts}, features={self.num_features}, eps={self.eps}, momentum={self.momentum}"
@@ -146,17 +161,19 @@ class _GroupedBlock(nn.Module):
             self.downsample = nn.Sequential(GroupedConv2d(num_experts, in_planes, planes, 1, stride, 0),
                                             GroupedBatchNorm2d(num_experts, planes))
 
-    def forward(self, x, lo, hi, params=None):
+    def forward(self, x, lo, hi, params=None, bn_backend="torch"):
         """``params``: None, or a dict module -> that module's ``expert_params`` entry for the
-        single expert ``lo`` (the loop executor)."""
+        single expert ``lo`` (the loop executor). bn2 takes the shortcut as its residual: BN, add
+        and ReLU are one op."""
         def p(m):
             return None if params is None else params[m]
-        out = F.relu(self.bn1(self.conv1(x, lo, hi, params=p(self.conv1)), lo, hi, params=p(self.bn1)))
-        out = self.bn2(self.conv2(out, lo, hi, params=p(self.conv2)), lo, hi, params=p(self.bn2))
+        out = self.bn1(self.conv1(x, lo, hi, params=p(self.conv1)), lo, hi, params=p(self.bn1), relu=True,
+                       backend=bn_backend)
+        out = self.conv2(out, lo, hi, params=p(self.conv2))
         if self.downsample is not None:
             conv, bn = self.downsample
-            x = bn(conv(x, lo, hi, params=p(conv)), lo, hi, params=p(bn))
-        return F.relu(out + x)
+            x = bn(conv(x, lo, hi, params=p(conv)), lo, hi, params=p(bn), backend=bn_backend)
+        return self.bn2(out, lo, hi, params=p(self.bn2), relu=True, residual=x, backend=bn_backend)
 
 
 def _parse_experts(experts, num_experts) -> tuple[int, int]:
@@ -192,14 +209,23 @@ class GroupedResNet18(nn.Module):
       an error in train mode (BatchNorm has no batch statistics for zero samples).
 
     Each grouped layer is called as ``layer(x, lo, hi)`` on experts ``[lo, hi)`` (default all).
+
+    ``bn_backend`` (an attribute, like ``executor``; not part of the architecture): how each
+    BatchNorm and the add/ReLU after it run, ``"torch"`` (F.batch_norm, add, relu), ``"triton"``
+    (the fused ``batch_norm_act``: one op for BN + residual add + ReLU) or ``"auto"`` (Triton on
+    CUDA). The default stays ``"torch"`` until a GPU measurement shows the fused op faster in the
+    whole network (its kernel-level gain is a prediction from pass counts, not yet measured);
+    both compute the same function and update the same running statistics.
     """
 
-    def __init__(self, num_experts: int = 9, num_classes: int = 10, width: int = 64, executor: str = "auto"):
+    def __init__(self, num_experts: int = 9, num_classes: int = 10, width: int = 64, executor: str = "auto",
+                 bn_backend: str = "torch"):
         super().__init__()
         self.num_experts = check_positive_int("num_experts", num_experts)
         self.num_classes = _check_classes(num_classes)
         self.width = _check_width(width)
         self.executor = _check_executor(executor)
+        self.bn_backend = _check_bn_backend(bn_backend)
         E, widths = num_experts, stage_widths(width)
         self.conv1 = GroupedConv2d(E, 3, width, 3, 1, 1)
         self.bn1 = GroupedBatchNorm2d(E, width)
@@ -218,10 +244,12 @@ class GroupedResNet18(nn.Module):
         views, for one expert) replaces the slicing of each parameter."""
         def p(m):
             return None if params is None else params[m]
-        out = F.relu(self.bn1(self.conv1(x, lo, hi, shared_input, params=p(self.conv1)), lo, hi, params=p(self.bn1)))
+        bn_backend = _check_bn_backend(self.bn_backend)  # an attribute: may have been set after construction
+        out = self.bn1(self.conv1(x, lo, hi, shared_input, params=p(self.conv1)), lo, hi, params=p(self.bn1),
+                       relu=True, backend=bn_backend)
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
             for block in layer:
-                out = block(out, lo, hi, params=params)
+                out = block(out, lo, hi, params=params, bn_backend=bn_backend)
         pooled = F.adaptive_avg_pool2d(out, 1).flatten(1)           # [B, n*C]
         # Explicit C (not -1): an empty batch has nothing to infer it from.
         return self.fc(pooled.view(pooled.shape[0], hi - lo, self.fc.in_features), lo, hi, params=p(self.fc))
@@ -371,7 +399,7 @@ class GroupedResNet18(nn.Module):
                     m.bias[e].copy_(sd[f"{name}.bias"])
 
     @classmethod
-    def from_experts(cls, experts, executor="auto"):
+    def from_experts(cls, experts, executor="auto", bn_backend="torch"):
         """Build from a list of ``ResNet18`` modules (same width and classes)."""
         if not experts:
             raise ValueError("expected a non-empty list of ResNet18 experts")
@@ -383,7 +411,8 @@ class GroupedResNet18(nn.Module):
                 raise ValueError(f"expert {i}: width/num_classes {(m.width, m.num_classes)} differ from expert 0's "
                                  f"{(first.width, first.num_classes)}")
         p = next(first.parameters())
-        grouped = cls(len(experts), first.num_classes, first.width, executor).to(device=p.device, dtype=p.dtype)
+        grouped = cls(len(experts), first.num_classes, first.width, executor, bn_backend)
+        grouped = grouped.to(device=p.device, dtype=p.dtype)
         grouped.load_expert_state_dicts([m.state_dict() for m in experts])
         grouped.train(first.training)
         return grouped
@@ -400,8 +429,12 @@ class GroupedResNet18(nn.Module):
 
     def extra_repr(self):
         return f"num_experts={self.num_experts}, num_classes={self.num_classes}, width={self.width}, " \
-               f"executor={self.executor!r}"
+               f"executor={self.executor!r}, bn_backend={self.bn_backend!r}"
 
 
 def _check_executor(executor) -> str:
     return check_choice("executor", executor, EXECUTORS)
+
+
+def _check_bn_backend(bn_backend) -> str:
+    return check_choice("bn_backend", bn_backend, BACKENDS)

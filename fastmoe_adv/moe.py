@@ -127,6 +127,10 @@ class FastSoftMoE(_SoftMoEBase):
         mix: ``"logits"`` or ``"probs"`` (see the module docstring).
         backend: mixing kernel, ``"triton"``, ``"torch"`` or ``"auto"`` (Triton on CUDA).
         executor: ``"grouped"``, ``"loop"`` or ``"auto"`` (the one measured faster on the device).
+        bn_backend: the experts' BatchNorm (+ residual add + ReLU), ``"torch"`` (default),
+            ``"triton"`` (the fused ``batch_norm_act``) or ``"auto"`` (Triton on CUDA); see
+            ``GroupedResNet18``. A runtime choice like ``executor``: an attribute, not in ``config()``,
+            so checkpoints do not record it.
         temperature: gate softmax temperature.
         roles: per-expert role list, default ``["clean"] + ["fgsm"] * 4 + ["pgd"] * 4``.
         gate_hidden: width of the gate CNN.
@@ -149,12 +153,13 @@ class FastSoftMoE(_SoftMoEBase):
                  mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD, mix: str = "logits",
                  backend: str = "auto", executor: str = "auto", temperature: float = 1.0,
                  roles: Sequence[str] | None = None, gate_hidden: int = 16, check_inputs: bool = True,
-                 fold_bn: bool = False):
+                 fold_bn: bool = False, bn_backend: str = "torch"):
         backend = checks.check_choice("backend", backend, BACKENDS)
+        bn_backend = checks.check_choice("bn_backend", bn_backend, BACKENDS)
         super().__init__(num_experts, num_classes, width, mean, std, mix, temperature, roles, gate_hidden,
                          check_inputs, fused_mix=True)
         self.backend = backend
-        self.experts = GroupedResNet18(num_experts, num_classes, width, _check_executor(executor))
+        self.experts = GroupedResNet18(num_experts, num_classes, width, _check_executor(executor), bn_backend)
         self.fold_bn = bool(fold_bn)
         self._folded = None   # FoldedExperts, built on first folded use
 
@@ -173,6 +178,14 @@ class FastSoftMoE(_SoftMoEBase):
     @executor.setter
     def executor(self, value):
         self.experts.executor = _check_executor(value)
+
+    @property
+    def bn_backend(self) -> str:
+        return self.experts.bn_backend
+
+    @bn_backend.setter
+    def bn_backend(self, value):
+        self.experts.bn_backend = checks.check_choice("bn_backend", value, BACKENDS)
 
     def forward(self, x, return_details: bool = False):
         self._check_image(x)
@@ -203,11 +216,13 @@ class FastSoftMoE(_SoftMoEBase):
         return self.experts.expert_state_dicts()
 
     @classmethod
-    def from_reference(cls, ref: "ReferenceSoftMoE", backend: str = "auto", executor: str = "auto"):
+    def from_reference(cls, ref: "ReferenceSoftMoE", backend: str = "auto", executor: str = "auto",
+                       bn_backend: str = "torch"):
         if not isinstance(ref, ReferenceSoftMoE):
             raise TypeError(f"expected a ReferenceSoftMoE, got {type(ref).__name__}")
         p = ref.gate.fc.weight
-        moe = cls(**ref.config(), backend=backend, executor=executor, check_inputs=ref.check_inputs)
+        moe = cls(**ref.config(), backend=backend, executor=executor, check_inputs=ref.check_inputs,
+                  bn_backend=bn_backend)
         moe = moe.to(device=p.device, dtype=p.dtype)
         moe.load_experts([m.state_dict() for m in ref.experts])
         moe.gate.load_state_dict(ref.gate.state_dict())
@@ -222,7 +237,8 @@ class FastSoftMoE(_SoftMoEBase):
         return ref.train(self.training)
 
     def extra_repr(self):
-        return f"mix={self.mix!r}, temperature={self.temperature}, backend={self.backend!r}, roles={self.roles}"
+        return (f"mix={self.mix!r}, temperature={self.temperature}, backend={self.backend!r}, "
+                f"bn_backend={self.bn_backend!r}, roles={self.roles}")
 
 
 class ReferenceSoftMoE(_SoftMoEBase):

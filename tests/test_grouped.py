@@ -1,4 +1,6 @@
 """GroupedResNet18: pack/unpack, per-expert inputs, subsets on views, both executors, errors."""
+import copy
+
 import pytest
 import torch
 from helpers import grouped_grads_per_expert, randomize_, rel_err
@@ -308,3 +310,96 @@ def test_loop_backward_builds_each_gradient_with_one_cat(per_expert):
 def test_grouped_executor_full_range_takes_parameters_without_slicing():
     grouped = fm.GroupedResNet18(3, 10, 4, executor="grouped").train()
     assert "SliceBackward0" not in _graph_node_names(grouped(torch.randn(2, 3, 8, 8)))
+
+
+# ------------------------------------------------------------------ fused BatchNorm (bn_backend)
+# The Triton op (CPU interpreter, tests/conftest.py) against the "torch" twin in the whole engine.
+# Both run in fp32 and are held to an fp64 run of the twin: each result must be within BN_TOL of
+# it, or, where the fp32 twin itself is further off, within BN_FACTOR times the twin's error (a
+# forward quantity: its own; a gradient: the twin's worst gradient of the step, the fp32 noise
+# level of that backward). At B=3 and 7x7/8x8 images the last stage sees 3 values per channel in
+# train mode and the BatchNorm backward on 3 values cancels: the fp32 twin's gradients are up to
+# 5e-5 off fp64 there, the kernels' up to 3e-4 (measured); a wrong formula is O(1) off.
+# Tiny shapes: the interpreter runs every program in Python.
+BN_TOL = 2e-5
+BN_FACTOR = 10.0
+BN_CASES = [  # (executor, experts, per-expert input, channels_last, image size)
+    ("grouped", None, False, False, 8),
+    ("grouped", (1, 3), True, True, 7),
+    ("loop", None, False, True, 7),
+    ("loop", (0, 2), True, False, 8),
+]
+
+
+def _engine_step(engine, x, experts, executor, g_out):
+    """(output, input gradient, every parameter gradient, every buffer) of one step."""
+    xr = x.clone().to(next(engine.parameters()).dtype).requires_grad_()
+    out = engine(xr, experts=experts, executor=executor)
+    (out * g_out.to(out.dtype)).sum().backward()
+    return [out, xr.grad] + [p.grad for p in engine.parameters()] + [b.clone() for b in engine.buffers()]
+
+
+def _bn_engines(train, channels_last):
+    torch_engine = randomize_(fm.GroupedResNet18(3, 10, 4, bn_backend="torch")).train(train)
+    triton_engine, fp64_engine = copy.deepcopy(torch_engine), copy.deepcopy(torch_engine).double()
+    triton_engine.bn_backend = "triton"
+    engines = (torch_engine, triton_engine, fp64_engine)
+    if channels_last:
+        engines = tuple(m.to(memory_format=torch.channels_last) for m in engines)
+    return engines
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("executor,experts,per_expert,channels_last,hw", BN_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{'cl' if c[3] else 'nchw'}-{c[4]}px" for c in BN_CASES])
+def test_triton_bn_backend_matches_torch(train, executor, experts, per_expert, channels_last, hw):
+    torch.manual_seed(3)
+    engines = _bn_engines(train, channels_last)
+    n = 3 if experts is None else experts[1] - experts[0]
+    x = torch.randn((3, n, 3, hw, hw) if per_expert else (3, 3, hw, hw))
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    before = [b.clone() for b in engines[0].buffers()]
+    g_out = torch.randn(3, n, 10)
+    ours, twin, exact = (_engine_step(m, x, experts, executor, g_out) for m in engines)
+    names = ["output", "input grad"] + [f"grad {k}" for k, _ in engines[0].named_parameters()] + \
+        [f"buffer {k}" for k, _ in engines[0].named_buffers()]
+    n_params = len(list(engines[0].parameters()))
+    grad_noise = max(rel_err(b, ref) for b, ref in zip(twin[1:2 + n_params], exact[1:2 + n_params]))
+    for i, (name, a, b, ref) in enumerate(zip(names, ours, twin, exact)):
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(a, b) and torch.equal(a, ref), name
+            continue
+        noise = grad_noise if 1 <= i < 2 + n_params else rel_err(b, ref)
+        assert rel_err(a, ref) <= max(BN_TOL, BN_FACTOR * noise), name
+    # train mode moves exactly the active experts' statistics; eval mode moves none
+    lo, hi = (0, 3) if experts is None else experts
+    for name, old, new in zip(names[2 + n_params:], before, ours[2 + n_params:]):
+        c = old.numel() // 3
+        for e in range(3):
+            assert torch.equal(new[e * c:(e + 1) * c], old[e * c:(e + 1) * c]) != (train and lo <= e < hi), (name, e)
+
+
+def test_torch_bn_backend_is_the_ops_twin_bit_for_bit():
+    # The module's inline "torch" path and batch_norm_act_torch are the same three ops.
+    from fastmoe_adv.kernels import batch_norm_act_torch
+    bn = randomize_(fm.grouped.GroupedBatchNorm2d(3, 5)).train()
+    twin = copy.deepcopy(bn)
+    x, res = torch.randn(4, 10, 3, 3), torch.randn(4, 10, 3, 3)
+    got = bn(x, 1, 3, relu=True, residual=res)
+    s = slice(5, 15)
+    want = batch_norm_act_torch(x, twin.weight[s], twin.bias[s], twin.running_mean[s], twin.running_var[s],
+                                training=True, momentum=twin.momentum, eps=twin.eps, relu=True, residual=res)
+    assert torch.equal(got, want)
+    assert torch.equal(bn.running_mean, twin.running_mean) and torch.equal(bn.running_var, twin.running_var)
+    assert (got >= 0).all() and (got == 0).any()  # the ReLU ran
+
+
+def test_bn_backend_choice_is_checked():
+    with pytest.raises(ValueError, match="bn_backend must be one of.*'cudnn'"):
+        fm.GroupedResNet18(2, 10, 4, bn_backend="cudnn")
+    engine = fm.GroupedResNet18(2, 10, 4)
+    assert engine.bn_backend == "torch" and "bn_backend='torch'" in engine.extra_repr()
+    engine.bn_backend = "fused"  # a plain attribute: checked when the engine runs
+    with pytest.raises(ValueError, match="bn_backend must be one of.*'fused'"):
+        engine(torch.randn(2, 3, 8, 8))
