@@ -322,3 +322,65 @@ def test_shared_names_come_from_constants():
     for name in ("CIFAR10_MEAN", "CIFAR10_STD", "MIX_MODES", "BACKENDS", "ROLES"):
         assert getattr(moe, name) is getattr(constants, name), name
     assert grouped.EXECUTORS is constants.EXECUTORS
+
+
+# ------------------------------------------------------------------ fused BatchNorm in the mixture
+# FastSoftMoE(bn_backend="triton") (kernels under the CPU interpreter) against ReferenceSoftMoE.
+# Both are held to the reference run in fp64: each result within BN_TOL of it, or within
+# BN_FACTOR times the fp32 reference's own error (a gradient: the reference's worst gradient
+# error of the step). At B=3 and 7x7 images the last stage sees 3 values per channel in train
+# mode, where the BatchNorm backward cancels in fp32 (see tests/test_grouped.py).
+BN_TOL, BN_FACTOR = 2e-5, 10.0
+
+
+def _results(model, x, g):
+    """[logits, expert logits, gate weights, input grad, gate grads..., expert grads..., expert buffers...]
+    in ReferenceSoftMoE's key order, for either twin."""
+    xr = x.clone().to(model.gate.fc.weight.dtype).requires_grad_()
+    out = model(xr, return_details=True)
+    (out.logits * g.to(out.logits.dtype)).sum().backward()
+    found = list(out) + [xr.grad] + [p.grad for p in model.gate.parameters()]
+    keys = [k for k, _ in fm.ResNet18(model.num_classes, model.width).named_parameters()]
+    if isinstance(model, fm.FastSoftMoE):
+        grads, states = grouped_grads_per_expert(model.experts), model.expert_state_dicts()
+    else:
+        grads = [dict(m.named_parameters()) for m in model.experts]
+        grads = [{k: p.grad for k, p in d.items()} for d in grads]
+        states = [m.state_dict() for m in model.experts]
+    found += [d[k] for d in grads for k in keys]
+    found += [v.clone() for sd in states for k, v in sd.items() if k.split(".")[-1].startswith("running")]
+    return found, 4 + len(list(model.gate.parameters())) + len(keys) * model.num_experts
+
+
+@pytest.mark.parametrize("executor,train,channels_last", [
+    ("grouped", True, False), ("grouped", False, True), ("loop", True, True), ("loop", False, False)])
+def test_triton_bn_backend_matches_reference(executor, train, channels_last):
+    ref = random_reference(3, 4, temperature=1.7).train(train)
+    exact = copy.deepcopy(ref).double()
+    fast = fm.FastSoftMoE.from_reference(ref, executor=executor, bn_backend="triton").train(train)
+    assert fast.bn_backend == "triton" and fast.experts.bn_backend == "triton"
+    x = torch.rand(3, 3, 7, 7)
+    if channels_last:
+        fast = fast.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    g = torch.randn(3, 10)
+    ours, n_grads = _results(fast, x, g)
+    twin, _ = _results(ref, x, g)
+    want, _ = _results(exact, x, g)
+    assert len(ours) == len(twin) == len(want) > n_grads
+    grad_noise = max(rel_err(b, w) for b, w in zip(twin[3:n_grads], want[3:n_grads]))
+    for i, (a, b, w) in enumerate(zip(ours, twin, want)):
+        noise = grad_noise if 3 <= i < n_grads else rel_err(b, w)
+        assert rel_err(a, w) <= max(BN_TOL, BN_FACTOR * noise), i
+
+
+def test_bn_backend_is_a_runtime_choice_not_architecture():
+    fast = fm.FastSoftMoE(num_experts=3, width=4, bn_backend="torch")
+    assert "bn_backend" not in fast.config()   # checkpoints (train/state.py) rebuild from config()
+    fm.FastSoftMoE(**fast.config())
+    fast.bn_backend = "auto"
+    assert fast.experts.bn_backend == "auto"
+    with pytest.raises(ValueError, match="bn_backend must be one of.*'cuda'"):
+        fast.bn_backend = "cuda"
+    with pytest.raises(ValueError, match="bn_backend must be one of.*'cuda'"):
+        fm.FastSoftMoE(num_experts=3, width=4, bn_backend="cuda")
