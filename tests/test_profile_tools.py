@@ -165,3 +165,55 @@ def test_cpu_smoke_run_writes_both_reports(tmp_path):
     assert row["path"] == "grouped" and row["wall_ms"] > 0 and row["launches"] > 0 and len(row["top"]) == 10
     assert data["meta"]["quick"] and "smoke run" in data["meta"]["note"]
     assert "pgd2 mixture b4 eval" in (tmp_path / "PROFILE.md").read_text()
+
+
+# ============================================================================ benchmarks/pipeline.py
+pl = _load("pipeline")
+
+
+def test_expected_max_draw_by_enumeration():
+    import itertools
+    values = (10, 20, 30, 40, 50)
+    for n in (1, 2, 4):
+        brute = sum(max(c) for c in itertools.product(values, repeat=n)) / len(values) ** n
+        assert pl.expected_max_draw(values, n) == pytest.approx(brute)
+    assert pl.expected_max_draw(values, 1) == pytest.approx(30.0)
+    with pytest.raises(ValueError, match="non-empty set and n >= 1"):
+        pl.expected_max_draw([], 2)
+
+
+def test_project_recovers_a_linear_cost():
+    passes = [10, 50, 30, 1, 20]
+    times = [0.05 + 0.02 * p for p in passes]
+    r = pl.project(times, passes, expected_passes=42.0, steps_per_epoch=390)
+    assert r["fit_a_s"] == pytest.approx(0.05) and r["fit_b_s"] == pytest.approx(0.02)
+    assert r["step_s"] == pytest.approx(0.05 + 0.02 * 42)
+    assert r["epoch_s"] == pytest.approx(390 * (0.05 + 0.02 * 42))
+    assert r["mean_epoch_s"] == pytest.approx(390 * sum(times) / 5)
+    same = pl.project([1.0, 3.0], [7, 7], expected_passes=20.0, steps_per_epoch=10)
+    assert same["fit_b_s"] == 0.0 and same["step_s"] == 2.0 and same["epoch_s"] == 20.0
+    with pytest.raises(ValueError, match="as many step times as pass counts"):
+        pl.project([1.0], [1, 2], 1.0, 10)
+
+
+def test_pipeline_quick_runs_end_to_end(tmp_path, capsys):
+    assert pl.main(["--quick", "--out", str(tmp_path), "--executor", "grouped"]) == 0
+    data = json.loads((tmp_path / "pipeline.json").read_text())
+    p1, p2 = data["phases"]
+    assert (p1["phase"], p2["phase"]) == (1, 2)
+    for p in (p1, p2):
+        assert p["steps_timed"] == 2 and p["steps_per_epoch"] == 16 // 2 and p["mean_step_s"] > 0
+        assert p["pgd_steps_set"] == [1, 2, 3, 4, 5]   # steps_scale 0.1 of the paper's {10..50}
+        assert 1 <= p["mean_passes"] <= 5
+    assert p1["expected_passes"] == pytest.approx(3.0)  # one PGD expert of three: the mean draw
+    assert p2["expected_passes"] == pytest.approx(0.5 * 1 + 0.5 * 3)
+    out = capsys.readouterr().out
+    assert "paper recipe (30+30 epochs" in out and "projected" in out
+    assert "Training pipeline" in (tmp_path / "pipeline.md").read_text()
+
+
+def test_pipeline_full_size_refuses_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert pl.main([]) == 0
+    assert capsys.readouterr().out.startswith("skipped: needs CUDA")
