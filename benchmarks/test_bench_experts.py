@@ -5,6 +5,10 @@ Paths (each a row of the group ``experts <device> w<width> b<batch> <precision> 
   one by one; the group's ratios are against its fastest reference row (any layout);
 - ``grouped`` / ``loop``: ``FastSoftMoE.experts_forward`` with that executor (the row records
   what ``executor="auto"`` picks for the same call, ``auto_pick``, so the report can check it);
+  every row but the next two runs BatchNorm, add and ReLU as separate torch ops (``bn_backend="torch"``);
+- ``grouped+fusedbn`` / ``loop+fusedbn`` (CUDA): the same executors with ``bn_backend="triton"``, each
+  BatchNorm with its residual add and ReLU as one fused Triton op (``kernels.batch_norm_act``), to
+  read against the ``grouped`` / ``loop`` rows of the same group;
 - ``vmap``: a ``torch.func`` ensemble, ``stack_module_state`` + ``functional_call`` + ``vmap``
   over copies of the reference's nine ResNet18. In train mode its BatchNorms go through
   ``torch.func.replace_all_batch_norm_modules_`` (batch statistics, no running-stat update:
@@ -56,8 +60,8 @@ def _paths(device):
     if device == "cpu":
         return [("reference", "nchw"), ("reference", "cl"), ("grouped", "nchw"), ("grouped", "cl"),
                 ("loop", "nchw"), ("loop", "cl"), ("vmap", "nchw"), ("compile", "nchw")]
-    return [("reference", "nchw"), ("reference", "cl"), ("grouped", "cl"), ("loop", "cl"), ("vmap", "cl"),
-            ("cudagraph", "cl"), ("compile", "cl")]
+    return [("reference", "nchw"), ("reference", "cl"), ("grouped", "cl"), ("loop", "cl"),
+            ("grouped+fusedbn", "cl"), ("loop+fusedbn", "cl"), ("vmap", "cl"), ("cudagraph", "cl"), ("compile", "cl")]
 
 
 def _rows():
@@ -114,9 +118,11 @@ def _runner(path, ref, fast, x, train_mode, device):
     """(forward callable, the parameters a backward differentiates, what the row records)."""
     if path == "reference":
         return (lambda: ref.experts_forward(x)), list(ref.experts.parameters()), {}
-    if path in ("grouped", "loop"):
-        fast.executor = path
-        return (lambda: fast.experts_forward(x)), list(fast.experts.parameters()), {}
+    if path in ("grouped", "loop", "grouped+fusedbn", "loop+fusedbn"):
+        executor, _, fused = path.partition("+")
+        fast.executor = executor
+        fast.bn_backend = "triton" if fused else "torch"
+        return (lambda: fast.experts_forward(x)), list(fast.experts.parameters()), {"bn_backend": fast.bn_backend}
     if path == "vmap":
         ens = _VmapEnsemble(ref.experts, train_mode)
         note = ("BN via replace_all_batch_norm_modules_ (batch stats, no running-stat update)" if train_mode
@@ -151,12 +157,15 @@ def test_experts(benchmark, cfg, passes, path, layout):
     ref.train(train_mode), fast.train(train_mode)
     # The rows time the engines: the inputs are torch.rand, so the per-call pixel check (a device sync) is off.
     ref.check_inputs = fast.check_inputs = False
+    fast.bn_backend = "torch"   # the models are cached across rows: only the fusedbn rows switch it on
+    if path.endswith("+fusedbn"):
+        _skip_unless_triton(device)
     x = _input(device, batch, layout)
     info = {"width": width, "batch": batch, "experts": E, "precision": prec, "layout": layout, "pass": passes,
             "bn": "train" if train_mode else "eval"}
 
     with skip_on_oom(device):
-        if path in ("grouped", "loop", "compile", "cudagraph"):
+        if path in ("grouped", "loop", "grouped+fusedbn", "loop+fusedbn", "compile", "cudagraph"):
             info["auto_pick"], info["auto_reason"] = _auto_pick(fast, x, passes, prec, device)
         if path == "compile":
             forward, params, extra = _compiled(fast, x, info["auto_pick"], passes, prec, device)
@@ -165,12 +174,23 @@ def test_experts(benchmark, cfg, passes, path, layout):
         else:
             forward, params, extra = _runner(path, ref, fast, x, train_mode, device)
         info.update(extra)
-        executor = {"reference": "modulelist", "vmap": "vmap", "grouped": "grouped", "loop": "loop"}.get(
+        # the fused rows' executor names keep them out of the report's grouped-vs-loop pairs
+        executor = {"reference": "modulelist", "vmap": "vmap", "grouped": "grouped", "loop": "loop",
+                    "grouped+fusedbn": "grouped+fusedbn", "loop+fusedbn": "loop+fusedbn"}.get(
             path, f"{path}({info.get('auto_pick')})")
         run(benchmark, _step(forward, params, passes, device, prec), device=device,
             group=f"experts {device} w{width} b{batch} {prec} {passes}", path=f"{path}-{layout}", images=batch,
             flops=expert_flops(width, HW, HW, batch, E, passes), reference=path == "reference",
             rounds_full=ROUNDS[device], warmup=WARMUP[device], executor=executor, **info)
+
+
+def _skip_unless_triton(device):
+    """The fused rows time compiled Triton kernels on CUDA, never the interpreter or a CPU fallback."""
+    from fastmoe_adv.kernels import dispatch
+    if device != "cuda":
+        pytest.skip("fused BatchNorm rows are CUDA only (on CPU the op would run its torch twin)")
+    if not dispatch.triton_available() or dispatch.interpreter_enabled():
+        pytest.skip("fused BatchNorm rows need compiled Triton kernels (triton missing or TRITON_INTERPRET=1)")
 
 
 def _step(forward, params, passes, device, prec):
