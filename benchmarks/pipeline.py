@@ -205,19 +205,22 @@ def main(argv=None) -> int:
         return 0
     if size["device"] == "cuda":
         torch.backends.cudnn.benchmark = True
-    phases = [int(p) for p in args.phases.split(",") if p]
-    results = [run_phase(size, p, args) for p in phases]
     meta = {**{k: size[k] for k in ("width", "experts", "batch", "images", "bf16", "channels_last")},
             "device": torch.cuda.get_device_name() if size["device"] == "cuda" else "CPU (quick: times mean nothing)",
             "torch": torch.__version__, "bn_backend": args.bn_backend, "executor": args.executor,
             "command": "python " + " ".join(["benchmarks/pipeline.py", *argv])}
-    table = render(results, meta)
-    if args.out:
-        out = pathlib.Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "pipeline.json").write_text(json.dumps({"meta": meta, "phases": results}, indent=1))
-        (out / "pipeline.md").write_text(f"# Training pipeline\n\nCommand: `{meta['command']}`\n\n```\n{table}\n```\n")
-    print(table)
+    results = []
+    for phase in [int(p) for p in args.phases.split(",") if p]:
+        results.append(run_phase(size, phase, args))
+        table = render(results, meta)
+        print(f"[pipeline] phase {phase}: {table.splitlines()[1 + len(results)]}", flush=True)
+        if args.out:  # after every phase: a run cut short by its time limit keeps phase 1
+            out = pathlib.Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "pipeline.json").write_text(json.dumps({"meta": meta, "phases": results}, indent=1))
+            (out / "pipeline.md").write_text(f"# Training pipeline\n\nCommand: `{meta['command']}`\n\n"
+                                             f"```\n{table}\n```\n")
+    print(render(results, meta))
     return 0
 
 

@@ -220,7 +220,9 @@ def time_iterations(fn, iters: int, device: str) -> list:
 def profile_records(fn, iters: int, device: str) -> list:
     """Kernel records of ``iters`` calls under torch.profiler (CPU smoke run: CPU operators)."""
     from torch.profiler import ProfilerActivity, profile
-    activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
+    # CPU activity too on CUDA: kernels are attributed through their launches either way, and
+    # kineto versions differ in what a CUDA-only trace keeps.
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
     with profile(activities=activities) as prof:
         for _ in range(iters):
             fn()
@@ -240,7 +242,9 @@ class Sizes:
         self.width, self.experts, self.hw = (4, 9, 16) if quick else (64, 9, 32)
         self.big, self.small = (4, 2) if quick else (512, 128)
         self.pgd_steps = 2 if quick else 10
-        self.warmup, self.iters, self.prof_iters = (1, 2, 1) if quick else (2, 5, 2)
+        # (warm-up, timed, profiled) iterations: the b512 fwd+bwd rows take ~0.1 s, an attack ~1 s
+        self.light = (1, 2, 1) if quick else (2, 5, 2)
+        self.heavy = (1, 2, 1) if quick else (1, 3, 1)
 
 
 def _models(sizes, device):
@@ -325,39 +329,41 @@ def _phase_step(fast, phase, bn, sizes, device):
 
 
 def workloads(sizes, device):
-    """(group, path, builder) for every workload; a builder returns the step to time."""
+    """(group, path, builder, (warm-up, timed, profiled) iterations) for every workload, most
+    telling first; a builder returns the step to time."""
     s = sizes
     big = f"b{s.big}"
     out = []
     for path in ("grouped", "loop", "grouped+fusedbn", "loop+fusedbn", "modulelist"):
         out.append((f"experts {big} fwd+bwd", path, lambda ref, fast, p=path: _experts_step(
-            ref, fast, p, _images(device, s.big, 3, s.hw, s.hw), device)))
-    for bn in ("torch", "triton"):
-        path = "grouped" + ("+fusedbn" if bn == "triton" else "")
-
+            ref, fast, p, _images(device, s.big, 3, s.hw, s.hw), device), s.light))
+    bns = (("torch", "grouped"), ("triton", "grouped+fusedbn"))
+    for phase in (1, 2):
+        for bn, path in bns:
+            out.append((f"phase{phase} step b{s.small} pgd{s.pgd_steps}", path,
+                        lambda ref, fast, ph=phase, bn=bn: _phase_step(fast, ph, bn, s, device), s.heavy))
+    for bn, path in bns:
         def pgd(ref, fast, bn=bn):
             import torch
             y = torch.randint(0, fast.num_classes, (s.big,), device=device)
             return _pgd_step(fast, bn, _images(device, s.big, 3, s.hw, s.hw), y, s, device)
-        out.append((f"pgd{s.pgd_steps} mixture {big} eval", path, pgd))
-        for phase in (1, 2):
-            out.append((f"phase{phase} step b{s.small} pgd{s.pgd_steps}", path,
-                        lambda ref, fast, ph=phase, bn=bn: _phase_step(fast, ph, bn, s, device)))
+        out.append((f"pgd{s.pgd_steps} mixture {big} eval", path, pgd, s.heavy))
     return out
 
 
-def measure(group, path, builder, ref, fast, sizes, device) -> dict:
+def measure(group, path, builder, counts, ref, fast, device) -> dict:
     """Warm up, time, profile one workload; failures become a row with the error."""
     import torch
     row = {"group": group, "path": path}
+    warmup, iters, prof_iters = counts
     try:
         step = builder(ref, fast)
-        for _ in range(sizes.warmup):  # cuDNN algorithm search, Triton compiles
+        for _ in range(warmup):  # cuDNN algorithm search, Triton compiles
             step()
         _sync(device)
-        times = time_iterations(step, sizes.iters, device)
-        records = profile_records(step, sizes.prof_iters, device)
-        row.update(summarize(records, statistics.median(times), sizes.prof_iters))
+        times = time_iterations(step, iters, device)
+        records = profile_records(step, prof_iters, device)
+        row.update(summarize(records, statistics.median(times), prof_iters))
         row["wall_ms_all"] = times
         if device == "cuda":
             row["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
@@ -410,17 +416,18 @@ def main(argv=None) -> int:
     ref, fast = _models(sizes, args.device)
     only = [s for s in args.only.split(",") if s]
     results = []
-    for group, path, builder in workloads(sizes, args.device):
-        if only and not any(s in f"{group} | {path}$" for s in only):
-            continue
-        results.append(measure(group, path, builder, ref, fast, sizes, args.device))
-        print(f"[profile_gpu] {group} | {path}: " + (results[-1].get("error") or
-                                                    f"{results[-1]['wall_ms']:.1f} ms"), flush=True)
     meta = _meta(args.device, argv, args.quick)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "profile.json").write_text(json.dumps({"meta": meta, "workloads": results}, indent=1))
-    (out / "PROFILE.md").write_text(render_markdown(results, meta))
+    for group, path, builder, counts in workloads(sizes, args.device):
+        if only and not any(s in f"{group} | {path}$" for s in only):
+            continue
+        results.append(measure(group, path, builder, counts, ref, fast, args.device))
+        print(f"[profile_gpu] {group} | {path}: " + (results[-1].get("error") or
+                                                    f"{results[-1]['wall_ms']:.1f} ms"), flush=True)
+        # written after every workload: a run cut short by its time limit keeps what it measured
+        (out / "profile.json").write_text(json.dumps({"meta": meta, "workloads": results}, indent=1))
+        (out / "PROFILE.md").write_text(render_markdown(results, meta))
     print(short_table(results))
     print(f"wrote {out / 'PROFILE.md'} and {out / 'profile.json'}")
     return 0

@@ -403,3 +403,36 @@ def test_bn_backend_choice_is_checked():
     engine.bn_backend = "fused"  # a plain attribute: checked when the engine runs
     with pytest.raises(ValueError, match="bn_backend must be one of.*'fused'"):
         engine(torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("executor", EXECUTORS)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_cuda_compiled_bn_backend_matches_torch(executor, train):
+    # The compiled kernels (TRITON_INTERPRET=0 pytest -m cuda) in the whole engine, bf16 autocast and
+    # channels_last as training runs it: each backend against an fp32 run with TF32 off; the fused
+    # op rounds once where the twin rounds after BN and after the add, so it may be closer, and may
+    # not be much further.
+    from fastmoe_adv.kernels import dispatch
+    if dispatch.interpreter_enabled() or not dispatch.triton_available():
+        pytest.skip("needs compiled Triton kernels: run with TRITON_INTERPRET=0")
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        torch.manual_seed(5)
+        base = randomize_(fm.GroupedResNet18(9, 10, 16)).cuda().train(train).to(memory_format=torch.channels_last)
+        x = torch.randn(24, 3, 32, 32, device="cuda").contiguous(memory_format=torch.channels_last)
+        g_out = torch.randn(24, 9, 10, device="cuda")
+        exact = _engine_step(copy.deepcopy(base), x, None, executor, g_out)
+        errs = {}
+        for bn in ("torch", "triton"):
+            engine = copy.deepcopy(base)
+            engine.bn_backend = bn
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                got = _engine_step(engine, x, None, executor, g_out)
+            errs[bn] = [rel_err(a.float(), b) for a, b in zip(got[:2], exact[:2])]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    for i, what in enumerate(("output", "input grad")):
+        assert errs["triton"][i] <= max(5e-2, 2.0 * errs["torch"][i]), (what, errs)
