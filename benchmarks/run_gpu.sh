@@ -79,7 +79,7 @@ EOF
 # tested compiled. At least 70 s (the reserve leaves it that), at most 100.
 run_stage "cuda tests" 100 330 env TRITON_INTERPRET=0 "$PY" -m pytest -m cuda "$REPO/tests" -q -p no:cacheprovider \
     -o addopts="" --rootdir="$REPO" -rs --junitxml="$OUT/cuda_tests.xml"
-grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed)|no tests ran" "$LOG" | tail -20 >"$OUT/cuda_tests.txt" || true
+grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped|errors?)( |,|$)|no tests ran" "$LOG" | tail -20 >"$OUT/cuda_tests.txt" || true
 
 unset TRITON_INTERPRET FASTMOE_BENCH_QUICK FASTMOE_EXECUTOR
 
