@@ -40,7 +40,7 @@ CATEGORIES = ("conv", "batchnorm", "elementwise", "gemm", "copy+slice", "reducti
 # BN kernels and this library's Triton ones (_bn_*). "implicit_gemm" is a convolution.
 _RULES = (
     ("copy+slice", r"nhwcslicec|slice|direct_copy|copy_kernel|catarraybatchedcopy|memcpy|memset|"
-                   r"nchwtonhwc|nhwctonchw|transpose"),
+                   r"nchwtonhwc|nhwctonchw|addpadding|transpose"),
     ("batchnorm", r"batch_norm|batchnorm|_bn_|bn_fw|bn_bw|welford|cudnn::bn"),
     ("conv", r"conv|fprop|dgrad|wgrad|implicit_gemm|winograd|implicit_convolve"),
     ("gemm", r"gemm|cublas|matmul|cutlass"),

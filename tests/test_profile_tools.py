@@ -26,6 +26,8 @@ NAMES = {
     "at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)::{lambda()#3}>>": "copy+slice",
     "void at::native::(anonymous namespace)::CatArrayBatchedCopy<...>": "copy+slice",
     "Memcpy DtoD (Device -> Device)": "copy+slice",
+    "void cudnn::engines_precompiled::nhwcAddPaddingKernel<__nv_bfloat16, ...>": "copy+slice",
+    "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, ...>": "copy+slice",
     "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "conv",
     "sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "conv",
     "sm80_xmma_wgrad_implicit_gemm_indexed_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "conv",
