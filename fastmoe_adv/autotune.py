@@ -121,7 +121,7 @@ class Decision:
 
 
 _KEY_FIELDS = ("device", "experts", "active", "shared_input", "width", "batch", "H", "W", "dtype", "x_layout",
-               "w_layout", "autocast", "bn_train", "pass", "cudnn_benchmark")
+               "w_layout", "autocast", "bn_train", "pass", "cudnn_benchmark", "bn_backend")
 
 _LOCK = threading.RLock()
 _PROBED: dict = {}          # key -> Decision (probe results, reused)
@@ -330,7 +330,7 @@ def _key(engine, x) -> tuple:
     cudnn = bool(torch.backends.cudnn.benchmark) if x.device.type == "cuda" else None
     return (_device_name(x.device), engine.num_experts, active, shared, engine.width, x.shape[0], h, w,
             str(x.dtype).replace("torch.", ""), _order(x), _order(engine.conv1.weight), _autocast_state(x.device.type),
-            bool(engine.training), _pass_kind(engine, x), cudnn)
+            bool(engine.training), _pass_kind(engine, x), cudnn, getattr(engine, "bn_backend", "torch"))
 
 
 def _is_compiling() -> bool:

@@ -227,11 +227,12 @@ def test_pipeline_limits_are_checked_before_training():
         tiny_cfg(seed=2 ** 64)
 
 
-def test_triton_backend_without_cuda_is_refused_before_training(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "fastmoe_adv", "pretrain", *TINY_ARGS, "--backend", "triton",
+@pytest.mark.parametrize("flag", ["--backend", "--bn-backend"])
+def test_triton_backend_without_cuda_is_refused_before_training(tmp_path, flag):
+    r = subprocess.run([sys.executable, "-m", "fastmoe_adv", "pretrain", *TINY_ARGS, flag, "triton",
                         "--out", str(tmp_path)], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "needs a CUDA device" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "last.pt").exists()
+    assert flag[2:].replace("-", "_") in r.stderr and not (tmp_path / "last.pt").exists()
 
 
 # ============================================================================ phase 2 from phase 1

@@ -69,6 +69,8 @@ class TrainConfig:
     gate_hidden: int = _f(16, "gate CNN width")
     backend: str = _f("auto", "mixing kernels: auto | triton | torch", "free")
     executor: str = _f("auto", "experts: auto | grouped | loop (resuming under another is not bit-exact)", "free")
+    bn_backend: str = _f("torch", "experts' BatchNorm + add + ReLU: torch | triton (the fused kernel, CUDA) | auto",
+                         "free")
     # -- optimisation
     batch_size: int = _f(128, "images per step, global over ranks (phase 1: per expert)")
     pretrain_epochs: int = _f(30, "phase 1 epochs (passes of each expert's stream)", "phase1")
@@ -166,6 +168,7 @@ class TrainConfig:
         self._int("gate_hidden", 1)
         self._choice("backend", BACKENDS)
         self._choice("executor", EXECUTORS)
+        self._choice("bn_backend", BACKENDS)
 
     def _check_optimisation(self):
         self._int("batch_size", 1)

@@ -487,12 +487,14 @@ def _check_runtime(cfg: TrainConfig, info: distributed.DistInfo):
     if cfg.batch_size % info.world_size:
         raise ConfigError(f"TrainConfig.batch_size: expected a multiple of the world size {info.world_size} (it is "
                           f"the global batch), got {cfg.batch_size}")
-    if cfg.backend == "triton" and info.device.type != "cuda" and not dispatch.interpreter_enabled():
-        raise ConfigError(f"TrainConfig.backend: 'triton' needs a CUDA device (this run is on {info.device}); use "
-                          "'auto' or 'torch'")
+    for name in ("backend", "bn_backend"):
+        if getattr(cfg, name) == "triton" and info.device.type != "cuda" and not dispatch.interpreter_enabled():
+            raise ConfigError(f"TrainConfig.{name}: 'triton' needs a CUDA device (this run is on {info.device}); "
+                              "use 'auto' or 'torch'")
 
 
 def _prepare_model(model: FastSoftMoE, cfg: TrainConfig, device) -> FastSoftMoE:
+    model.bn_backend = cfg.bn_backend        # a runtime choice, like the executor: not in the checkpoint
     model = model.to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
