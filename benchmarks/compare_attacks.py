@@ -24,7 +24,7 @@ from fastmoe_adv.square import square
 from fastmoe_adv.train import load_model
 
 TOLERANCE = 0.02  # the acceptance bound: 2 accuracy points
-GROUPS = ("misc", "ce", "dlr", "t", "preset", "fast")
+GROUPS = ("misc", "square", "ce", "dlr", "t", "preset", "fast")
 
 
 class ExpertAlone(torch.nn.Module):
@@ -53,8 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-fast-torchattacks", action="store_true",
                    help="run torchattacks on the reference twin only, not also on the FastSoftMoE")
     p.add_argument("--only", default=",".join(GROUPS),
-                   help=f"comma-separated groups to run, of {GROUPS} (default all); run groups as separate "
-                        "processes on a busy machine, then --merge their JSON files")
+                   help=f"comma-separated groups to run, of {GROUPS} (default all; ce, dlr and t also as "
+                        "ce-ours / ce-theirs etc.); run groups as separate processes on a busy machine, then "
+                        "--merge their JSON files")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="combine the JSON files of earlier --only runs into one table and JSON (runs nothing)")
     p.add_argument("--out", default=None, help="JSON path (default: compare_attacks.json beside the checkpoint)")
@@ -143,10 +144,14 @@ def run_group(group, moe, ref, x, y, a):
     """The rows of one group; groups are independent, so they may run as separate processes."""
     if group == "misc":
         return ([_row("clean", "-", "FastSoftMoE", _robust(moe, x, y), 0.0, {})]
-                + ours(moe, x, y, a, ["FGSM", "PGD-20", "Square"]) + undefended(moe, x, y, a))
-    if group in ("ce", "dlr", "t"):
-        name = {"ce": "APGD-CE", "dlr": "APGD-DLR", "t": "APGD-T"}[group]
-        return ours(moe, x, y, a, [name]) + theirs(ref, "ReferenceSoftMoE", x, y, a, [name])
+                + ours(moe, x, y, a, ["FGSM", "PGD-20"]) + undefended(moe, x, y, a))
+    if group == "square":  # the costliest group on a robust model: 5000 forwards of the still-robust points
+        return ours(moe, x, y, a, ["Square"])
+    base, _, side = group.partition("-")  # "ce-ours" / "ce-theirs": one side of a pair, for parallel processes
+    if base in ("ce", "dlr", "t") and side in ("", "ours", "theirs"):
+        name = {"ce": "APGD-CE", "dlr": "APGD-DLR", "t": "APGD-T"}[base]
+        return ((ours(moe, x, y, a, [name]) if side != "theirs" else [])
+                + (theirs(ref, "ReferenceSoftMoE", x, y, a, [name]) if side != "ours" else []))
     if group == "preset":
         return preset(moe, x, y, a)
     if group == "fast":
