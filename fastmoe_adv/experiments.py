@@ -52,6 +52,7 @@ GATE_VARIANTS = {
     # FGSM at eps 0 is the clean image: half the phase-2 batches clean, half PGD. The paper's phase 2
     # attacks every batch, so nothing there rewards sending clean inputs to the clean expert.
     "clean_half": {"fgsm_eps_set": (0.0,), "phase2_fgsm_prob": 0.5},
+    "phase2_3_epochs": {"train_epochs": 3},      # does the gate drift further with more joint training?
 }
 
 
