@@ -20,3 +20,11 @@ def _seed_torch():
 # The tests run many tiny ops: one thread is faster than two fighting over small tensors
 # (measured 12x on a loaded 2-core machine), and it keeps CPU results deterministic.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # ... also after a test that changed it (the CLI's --threads sets torch's thread count).
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)

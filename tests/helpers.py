@@ -60,3 +60,13 @@ def assert_kernels_compile_for_sm90(op, tmp_path):
     if r.returncode == 77:
         pytest.skip(r.stdout.strip())
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def tiny_train_config(**kw):
+    """A training configuration that runs both phases in seconds on a CPU (4 steps per epoch)."""
+    from fastmoe_adv.train import TrainConfig
+    base = dict(dataset="synthetic", train_size=64, width=4, num_experts=3, batch_size=16, pretrain_epochs=1,
+                train_epochs=1, steps_scale=0.04, eval_every=-1, eval_limit=32, checkpoint_every=2, log_every=1,
+                backend="torch", executor="grouped", device="cpu", lr=0.05)
+    base.update(kw)
+    return TrainConfig(**base)

@@ -16,15 +16,6 @@ from fastmoe_adv import attacks as A
 EXACT = dict(atol=1e-6, rtol=0)  # the fused step does the reference's fp32 ops: equal up to rounding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add synchronization (about 10x slower on a busy 2-core box).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------- models
 class SmallCNN(nn.Module):
     """A fast model on [B,3,8,8] with a BatchNorm and a Dropout (so eval mode matters)."""

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from helpers import tiny_train_config
 
 import fastmoe_adv as fm
 from fastmoe_adv import attacks as A
@@ -65,12 +66,7 @@ def _sgd(params):
 
 
 def _tiny_cfg(**kw):
-    from fastmoe_adv import train as tr
-    base = dict(dataset="synthetic", train_size=64, width=4, num_experts=3, batch_size=16, pretrain_epochs=1,
-                train_epochs=1, steps_scale=0.04, eval_every=-1, eval_limit=16, checkpoint_every=2, log_every=1,
-                backend="torch", executor="grouped", device="cpu", lr=0.05)
-    base.update(kw)
-    return tr.TrainConfig(**base)
+    return tiny_train_config(**{"eval_limit": 16, **kw})
 
 
 def _worker(rank, world, port, tmp):

@@ -16,15 +16,6 @@ SIZE = 8
 FAST = dict(batch_size=8, eps_curve=(0, 2 / 255, 8 / 255), curve_steps=3, progress=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add synchronization (about 10x slower on a busy 2-core box).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def linear_model(seed=0, k=10):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, k)).eval()

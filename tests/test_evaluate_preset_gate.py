@@ -15,14 +15,6 @@ from fastmoe_adv.evaluate.common import Progress
 SIZE = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_moe(seed=0, gate_std=0.5):
     torch.manual_seed(seed)
     moe = randomize_(fm.FastSoftMoE(num_experts=3, num_classes=10, width=4, executor="grouped", backend="torch"))

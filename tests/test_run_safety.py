@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_train_config
 
 from fastmoe_adv import cli
 from fastmoe_adv import train as tr
@@ -21,20 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 QUIET = dict(progress=False, log=lambda *a: None)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_cfg(**kw):
-    base = dict(dataset="synthetic", train_size=64, width=4, num_experts=3, batch_size=16, pretrain_epochs=1,
-                train_epochs=1, steps_scale=0.04, eval_every=-1, eval_limit=32, checkpoint_every=2, log_every=1,
-                backend="torch", executor="grouped", device="cpu", lr=0.05)
-    base.update(kw)
-    return tr.TrainConfig(**base)
+tiny_cfg = tiny_train_config
 
 
 def _env():

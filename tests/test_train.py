@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import tiny_train_config
 
 import fastmoe_adv as fm
 from fastmoe_adv import attacks as A
@@ -19,15 +20,6 @@ from fastmoe_adv import train as tr
 
 ROLES = ["clean", "fgsm", "pgd"]
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: one thread is faster, and much faster on a shared machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny_moe(seed=0, roles=ROLES, executor="grouped"):
@@ -41,12 +33,7 @@ def per_expert_batch(b=6, e=3, size=8, seed=1):
     return torch.rand(b, e, 3, size, size, generator=g), torch.randint(0, 10, (b, e), generator=g)
 
 
-def tiny_cfg(**kw):
-    base = dict(dataset="synthetic", train_size=64, width=4, num_experts=3, batch_size=16, pretrain_epochs=1,
-                train_epochs=1, steps_scale=0.04, eval_every=-1, eval_limit=32, checkpoint_every=2, log_every=1,
-                backend="torch", executor="grouped", device="cpu", lr=0.05)
-    base.update(kw)
-    return tr.TrainConfig(**base)
+tiny_cfg = tiny_train_config
 
 
 def expert_grads(model):
