@@ -8,16 +8,13 @@ an expert role and the input kind it is named after (clean / FGSM / PGD) share o
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import tempfile
 import textwrap
 import warnings
 from pathlib import Path
 
-from .reporting import file_mode
+from .reporting import atomic_write
 
 __all__ = ["plot_accuracy_vs_eps", "plot_training_curves", "plot_gate_usage", "read_training_history",
            "matplotlib_available", "role_color", "MISSING_MATPLOTLIB", "ROLE_COLORS", "DPI"]
@@ -72,21 +69,10 @@ def _check_path(path) -> Path:
 
 
 def _save(fig, path: Path) -> Path:
-    """Temp file in the same folder, fsync, then os.replace: a reader never sees half an image and
-    a failed draw leaves any previous figure in place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=path.suffix.lower()[1:], dpi=DPI, bbox_inches="tight")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Written atomically (``reporting.atomic_write``): a reader never sees half an image and a
+    failed draw leaves any previous figure in place."""
+    atomic_write(path, lambda f: fig.savefig(f, format=path.suffix.lower()[1:], dpi=DPI, bbox_inches="tight"),
+                 binary=True)
     return path
 
 

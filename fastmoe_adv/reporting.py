@@ -11,7 +11,7 @@ import tempfile
 
 import torch
 
-__all__ = ["json_safe", "atomic_write_text", "write_json", "append_jsonl", "cpu_model", "hardware_info",
+__all__ = ["json_safe", "atomic_write", "atomic_write_text", "write_json", "append_jsonl", "cpu_model", "hardware_info",
            "versions", "environment", "fmt_pct", "fmt_eps", "file_mode"]
 
 
@@ -38,17 +38,17 @@ def file_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write_text(path, text: str):
-    """Write via a temp file in the same folder, fsync, then ``os.replace``: a reader never sees
-    half a file, and an interrupted write leaves the old file as it was."""
+def atomic_write(path, write, binary: bool = False):
+    """Call ``write(file)`` on a temp file in the same folder, fsync, then ``os.replace``: a reader
+    never sees half a file, and a failed or interrupted write leaves the old file as it was."""
     path = os.fspath(path)
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -56,6 +56,11 @@ def atomic_write_text(path, text: str):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path, text: str):
+    """``text`` written atomically (see ``atomic_write``)."""
+    atomic_write(path, lambda f: f.write(text))
 
 
 def write_json(path, obj):
