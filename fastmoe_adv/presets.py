@@ -40,6 +40,7 @@ class Stage:
     settings: dict = field(default_factory=dict)
     linf_only: bool = False
     needs_details: bool = False
+    min_classes: int = 0     # the DLR-targeted loss needs the true class, a target and two more
 
 
 @dataclass
@@ -80,7 +81,8 @@ def preset_stages(preset: str) -> list:
     ce = Stage("apgd-ce", lambda m, x, y, eps, norm, g: apgd(m, x, y, eps, steps, norm=norm, generator=g),
                {"steps": steps, "loss": "ce"})
     t = Stage("apgd-t", lambda m, x, y, eps, norm, g: apgd_targeted(m, x, y, eps, steps, n_targets=min(
-        targets, _classes(m, x) - 1), norm=norm, generator=g), {"steps": steps, "n_targets": targets, "loss": "dlr-t"})
+        targets, _classes(m, x) - 1), norm=norm, generator=g), {"steps": steps, "n_targets": targets, "loss": "dlr-t"},
+        min_classes=4)
     sq = Stage("square", lambda m, x, y, eps, norm, g: square(m, x, y, eps, STANDARD_QUERIES, generator=g),
                {"n_queries": STANDARD_QUERIES, "p_init": 0.8}, linf_only=True)
     moe = Stage("apgd-moe", lambda m, x, y, eps, norm, g: apgd(m, x, y, eps, steps, norm=norm, loss="moe_gate",
@@ -106,11 +108,13 @@ def _now(device):
     return time.perf_counter()
 
 
-def _skip_reason(stage, model, norm):
+def _skip_reason(stage, model, norm, x):
     if stage.linf_only and norm != "Linf":
         return f"{stage.name} is implemented for Linf only"
     if stage.needs_details and not supports_details(model):
         return f"{stage.name} needs a mixture with return_details"
+    if stage.min_classes and x.shape[0] and _classes(model, x) < stage.min_classes:
+        return f"{stage.name} needs at least {stage.min_classes} classes, the model has {_classes(model, x)}"
     return ""
 
 
@@ -188,7 +192,7 @@ def run_preset(model, x, y, preset="standard", eps=None, norm="Linf", seed=0, pr
 
 
 def _stage(stage, model, x, y, robust, x_adv, eps, norm, generator, batch_size, progress, n):
-    skipped = _skip_reason(stage, model, norm)
+    skipped = _skip_reason(stage, model, norm, x)
     attacked = 0 if skipped else int(robust.sum())
     if progress is not None:
         progress(stage.name, {"event": "start", "attacked": attacked, "skipped": skipped})

@@ -116,3 +116,14 @@ def test_progress_prints_plain_lines_with_time_left_when_not_a_terminal():
     quiet = io.StringIO()
     Progress(4, False, stream=quiet).update("x")
     assert quiet.getvalue() == ""
+
+
+def test_preset_skips_apgd_t_below_four_classes_and_says_why():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 3)).eval()
+    x, y = data(model, n=8)
+    report = ev.robustness(model, x, y, attacks=[ev.AttackSpec("clean", "clean")], batch_size=8, eps_curve=(),
+                           progress=False, sanity=False, gate=False, preset="quick")
+    stages = {s["name"]: s for s in report["preset"]["stages"]}
+    assert "needs at least 4 classes, the model has 3" in stages["apgd-t"]["skipped"]
+    assert stages["apgd-ce"]["skipped"] == "" and stages["apgd-t"]["attacked"] == 0

@@ -123,8 +123,9 @@ def zero_loss_gradients(model, images, labels, eps, n, batch_size, device, dtype
 
 
 def classes_check(num_classes: int, check) -> dict:
-    """DLR needs at least 3 classes and APGD-T at least 2 targets (AutoAttack's checks)."""
+    """DLR needs at least 3 classes and the targeted DLR of APGD-T at least 4 (AutoAttack's checks;
+    presets skip APGD-T below 4 and say so)."""
     ok = num_classes >= 3
     return check("number_of_classes", ok, {"classes": num_classes}, {"min_classes": 3},
-                 f"{num_classes} classes" + ("" if ok else ": the DLR losses of APGD-DLR / APGD-T are undefined "
-                                                           "below 3 classes; their results are meaningless"))
+                 f"{num_classes} classes" + ("" if ok else ": the DLR loss is undefined below 3 classes (the "
+                                                           "targeted DLR of APGD-T below 4): those attacks cannot run"))
