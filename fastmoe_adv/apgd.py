@@ -98,7 +98,8 @@ def _checkpoint(s, threshold):
     s.eta = torch.where(reduce, s.eta / 2, s.eta)
     s.x = _where(reduce, s.best, s.x)
     s.grad = _where(reduce, s.best_grad, s.grad)
-    s.loss = torch.where(reduce, s.best_loss, s.loss)
+    # s.loss stays the last iterate's loss: condition 1 counts increases between consecutive
+    # iterates, as the reference implementation does, also across a restart from the best point.
     s.reduced = reduce
     s.check_loss = s.best_loss.clone()
     s.wins = torch.zeros_like(s.wins)
