@@ -302,3 +302,21 @@ def test_phase1_throughput_counts_every_experts_images(tmp_path):
     """A phase-1 step trains B images per expert: images_seen and img/s count B x E."""
     s = tr.pretrain(tiny_cfg(), tmp_path, **QUIET)
     assert s["images_seen"] == s["global_step"] * 16 * 3
+
+
+def test_kill_after_the_final_checkpoint_but_before_last_pt_is_recovered(tmp_path):
+    """The write order's other window: phase1.pt written, last.pt still the previous mid-run state."""
+    from fastmoe_adv import checkpoint
+    ref = tr.pretrain(tiny_cfg(), tmp_path / "ref", **QUIET)
+    out = tmp_path / "cut"
+    tr.pretrain(tiny_cfg(), out, **QUIET)
+    stale = checkpoint.load_checkpoint(out / "last.pt")
+    stale["done"], stale["progress"]["global_step"], stale["progress"]["step_in_epoch"] = False, 1, 1
+    checkpoint.save_checkpoint(out / "last.pt", stale)
+    summary = tr.pretrain(tiny_cfg(), out, resume=True, **QUIET)
+    assert summary["already_done"] and summary["global_step"] == ref["global_step"]
+    a = torch.load(tmp_path / "ref" / "phase1.pt", weights_only=True)["model"]
+    b = torch.load(out / "phase1.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    s2 = tr.train(tiny_cfg(), out, resume=True, **QUIET)     # phase 2 starts from the finished phase 1
+    assert s2["global_step"] == 4
