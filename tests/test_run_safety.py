@@ -320,3 +320,11 @@ def test_kill_after_the_final_checkpoint_but_before_last_pt_is_recovered(tmp_pat
     assert all(torch.equal(a[k], b[k]) for k in a)
     s2 = tr.train(tiny_cfg(), out, resume=True, **QUIET)     # phase 2 starts from the finished phase 1
     assert s2["global_step"] == 4
+
+
+def test_phase2_applies_its_mixing_rule_and_temperature_to_the_phase1_model(tmp_path):
+    tr.pretrain(tiny_cfg(), tmp_path, **QUIET)
+    s2 = tr.train(tiny_cfg(temperature=2.0, mix="probs"), tmp_path, **QUIET)
+    assert (s2["model"].temperature, s2["model"].mix) == (2.0, "probs")
+    saved = tr.load_model(tmp_path / "phase2.pt")
+    assert (saved.temperature, saved.mix) == (2.0, "probs")

@@ -553,6 +553,7 @@ def train(cfg: TrainConfig, out_dir, init=None, resume: bool = False, progress: 
             model = model_from_payload(run.payload, str(run.run_dir.last), None, cfg.backend, cfg.executor)
         else:
             model = init_model(cfg, init, run.run_dir.folder)
+            model.mix, model.temperature = cfg.mix, cfg.temperature   # phase-2 choices (the gate starts here)
         check_compatible(model, cfg)
         model = _prepare_model(model, cfg, run.device)
         run.load_data()
