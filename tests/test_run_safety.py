@@ -328,3 +328,14 @@ def test_phase2_applies_its_mixing_rule_and_temperature_to_the_phase1_model(tmp_
     assert (s2["model"].temperature, s2["model"].mix) == (2.0, "probs")
     saved = tr.load_model(tmp_path / "phase2.pt")
     assert (saved.temperature, saved.mix) == (2.0, "probs")
+
+
+def test_a_new_phase1_run_never_replaces_a_later_phases_state(tmp_path):
+    cfg = tiny_cfg()
+    tr.pretrain(cfg, tmp_path, **QUIET)
+    tr.train(cfg, tmp_path, **QUIET)
+    (tmp_path / "phase1.pt").unlink()
+    before = (tmp_path / "last.pt").read_bytes()          # phase 2's state
+    with pytest.raises(RunDirError, match=r"last\.pt \(phase 2\)"):
+        tr.pretrain(cfg, tmp_path, **QUIET)
+    assert (tmp_path / "last.pt").read_bytes() == before

@@ -202,15 +202,15 @@ class RunDir:
 
     def _refuse_overwrite(self, last_phase: int, overwrite: bool):
         held = [p.name for p in (self.final,) if p.exists()]
-        if last_phase == self.phase:
-            held.append(f"{self.last.name} (phase {self.phase})")
+        if last_phase >= self.phase:      # this phase's state, or a later phase's that a new run would replace
+            held.append(f"{self.last.name} (phase {last_phase})")
         if not held:
             return
         if not overwrite:
             raise RunDirError(f"{self.folder} already holds {', '.join(held)}: pass --resume to continue or keep it, "
                               f"or --overwrite to replace it (or choose another --out)")
         self.final.unlink(missing_ok=True)
-        if last_phase == self.phase:
+        if last_phase >= self.phase:
             self.last.unlink(missing_ok=True)
 
     def _check_config(self, payload: dict, cfg: TrainConfig, where: Path) -> dict:
