@@ -35,23 +35,17 @@ PATHS = ("reference", "fastmoe-auto", "fastmoe-grouped", "fastmoe-loop", "torcha
 ROUNDS = {"cpu": 7, "cuda": 5}  # w8 b32 on CPU is near a tie between the executors: more rounds
 
 
-def _rows():
-    out = []
-    for cfg in CONFIGS:
-        for path in PATHS:
-            marks = [pytest.mark.cuda] if cfg[0] == "cuda" else []
-            out.append(pytest.param(cfg, path, marks=marks, id=f"{cfg[0]}-w{cfg[1]}-b{cfg[2]}-{cfg[3]}-{path}"))
-    return out
+def _rows(configs, paths):
+    """One row per (config, path), CUDA rows marked."""
+    return [pytest.param(cfg, path, marks=[pytest.mark.cuda] if cfg[0] == "cuda" else [],
+                         id=f"{cfg[0]}-w{cfg[1]}-b{cfg[2]}-{cfg[3]}-{path}") for cfg in configs for path in paths]
 
 
-@pytest.mark.parametrize("cfg, path", _rows())
+@pytest.mark.parametrize("cfg, path", _rows(CONFIGS, PATHS))
 def test_pgd(benchmark, cfg, path):
     device, width, batch, prec = cfg
     skip_unless_device(device)
-    try:
-        attacks = importlib.import_module("fastmoe_adv.attacks")
-    except ImportError as exc:
-        pytest.skip(f"fastmoe_adv.attacks not importable yet: {exc}")
+    attacks = importlib.import_module("fastmoe_adv.attacks")
     layout = "cl" if device == "cuda" else "nchw"   # GPU rows channels_last, as the experts benchmark
     ref, fast = models(device, width, layout, E, K)
     ref.eval(), fast.eval()
@@ -115,16 +109,7 @@ APGD_CONFIGS = [("cpu", 4, 4, "fp32"), ("cuda", 4, 4, "bf16")] if QUICK else \
 APGD_PATHS = ("torchattacks-apgd", "fastmoe-apgd")
 
 
-def _apgd_rows():
-    out = []
-    for cfg in APGD_CONFIGS:
-        for path in APGD_PATHS:
-            marks = [pytest.mark.cuda] if cfg[0] == "cuda" else []
-            out.append(pytest.param(cfg, path, marks=marks, id=f"{cfg[0]}-w{cfg[1]}-b{cfg[2]}-{cfg[3]}-{path}"))
-    return out
-
-
-@pytest.mark.parametrize("cfg, path", _apgd_rows())
+@pytest.mark.parametrize("cfg, path", _rows(APGD_CONFIGS, APGD_PATHS))
 def test_apgd(benchmark, cfg, path):
     device, width, batch, prec = cfg
     skip_unless_device(device)

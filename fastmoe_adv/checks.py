@@ -54,22 +54,22 @@ def check_rgb_stats(name: str, value, positive: bool = False) -> tuple[float, fl
     return vals
 
 
+def _check_count(name, value, limit, fused_mix, why):
+    check_positive_int(name, value)
+    if fused_mix and value > limit:
+        raise ValueError(f"{name} must be <= {limit} (the limit of the fused gated_mix{why}), got {value}; "
+                         "ReferenceSoftMoE has no such limit")
+    return value
+
+
 def check_num_experts(num_experts, fused_mix: bool = False) -> int:
     """E >= 1; with ``fused_mix`` (the mixture mixes with ``gated_mix``) also E <= ``MAX_EXPERTS``."""
-    check_positive_int("num_experts", num_experts)
-    if fused_mix and num_experts > MAX_EXPERTS:
-        raise ValueError(f"num_experts must be <= {MAX_EXPERTS} (the limit of the fused gated_mix, all experts of a "
-                         f"row in one tile), got {num_experts}; ReferenceSoftMoE has no such limit")
-    return num_experts
+    return _check_count("num_experts", num_experts, MAX_EXPERTS, fused_mix, ", all experts of a row in one tile")
 
 
 def check_num_classes(num_classes, fused_mix: bool = False) -> int:
     """K >= 1; with ``fused_mix`` also K <= ``MAX_CLASSES``."""
-    check_positive_int("num_classes", num_classes)
-    if fused_mix and num_classes > MAX_CLASSES:
-        raise ValueError(f"num_classes must be <= {MAX_CLASSES} (the limit of the fused gated_mix), got "
-                         f"{num_classes}; ReferenceSoftMoE has no such limit")
-    return num_classes
+    return _check_count("num_classes", num_classes, MAX_CLASSES, fused_mix, "")
 
 
 def check_image_tensor(x, n_experts=None, what: str = "images") -> bool:
