@@ -24,6 +24,11 @@ parameters' ``requires_grad`` and ``.grad`` are never touched. The L-inf update 
 are the fused kernels ``fastmoe_adv.kernels.pgd_step`` / ``fgsm_step`` / ``pgd_random_start``.
 Arguments are checked once per attack; the step loops never synchronize with the device (no
 ``.item()``, no ``bool(tensor)``), so a GPU attack queues its steps without stalls.
+
+``graph=True`` (``fgsm``, ``pgd``, ``attack_experts``) runs each step as the replay of one
+captured CUDA graph (``fastmoe_adv.graphs``): the same function, one launch per step instead of
+hundreds. The random start stays outside the graph. Without CUDA the same graphed step code
+runs uncaptured (what the CPU tests compare against the plain loops).
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from . import graphs
 from .constants import ATTACK_KINDS
 from .grouped import _parse_experts
 from .kernels import fgsm_step, pgd_random_start, pgd_step, pgd_step_
@@ -348,7 +354,7 @@ def _step(x_adv, grad, x_nat, alpha, eps, norm):
 
 
 # ----------------------------------------------------------------------------- FGSM and PGD
-def fgsm(model, x, y, eps):
+def fgsm(model, x, y, eps, graph=False):
     """FGSM: ``clip(x + eps * sign(grad_x CE(model(x), y)), 0, 1)``.
 
     Args:
@@ -356,6 +362,8 @@ def fgsm(model, x, y, eps):
         x: float images [B,C,H,W] in [0, 1] (B may be 0).
         y: integer labels [B] in [0, K).
         eps: L-inf radius (pixel scale [0, 1]), >= 0.
+        graph: run the step as a captured CUDA graph (the PGD step graph with alpha = eps from x,
+            which is exactly FGSM; see the module docstring).
     Returns:
         adversarial images, same shape/dtype as x, detached.
     """
@@ -364,24 +372,52 @@ def fgsm(model, x, y, eps):
         x, y = _check_inputs(model, x, y)
         if x.shape[0] == 0:
             return x.clone()
+        if graph:
+            return _graphed_steps(model, x, x, y, eps, eps, 1, "Linf", "ce")
         return fgsm_step(x, _ce_grad(model, x, y), eps, validate=False)
 
 
-def _pgd_once(model, x, y, eps, alpha, steps, random_start, generator, norm, loss):
-    x_adv = _random_start(x, eps, norm, generator) if random_start else x.clone()
+def _pgd_iteration(model, x_adv, x, y, alpha, eps, norm, loss):
+    """One PGD iteration, in place on x_adv; alpha/eps are floats or (graphed) 0-dim tensors."""
+    if loss == "ce":  # the batch-mean CE, as torchattacks: the same examples bit for bit
+        grad = _ce_grad(model, x_adv, y)
+    else:
+        grad = loss_and_grad(model, x_adv, y, loss)[2]
+    if norm == "Linf":
+        pgd_step_(x_adv, grad, x, alpha, eps, validate=False)
+    else:
+        x_adv.copy_(_step(x_adv, grad, x, alpha, eps, norm))
+
+
+def _graphed_steps(model, x_adv, x, y, eps, alpha, steps, norm, loss):
+    """``steps`` PGD iterations from x_adv, each the replay of one captured iteration; returns a
+    new tensor (the set's static x_adv is rewritten by its next use)."""
+    key = graphs.signature((model,), (x_adv, x, y), ("pgd", norm, loss))
+
+    def buffers():
+        scalar = dict(dtype=torch.float32, device=x.device)
+        return dict(x_adv=torch.empty_like(x_adv), x_nat=torch.empty_like(x), y=torch.empty_like(y),
+                    alpha=torch.zeros((), **scalar), eps=torch.zeros((), **scalar))
+
+    gs = graphs.graph_set(model, key, buffers)
+    gs.load(x_adv=x_adv, x_nat=x, y=y, alpha=float(alpha), eps=float(eps))
+    b = gs.buf
     for _ in range(steps):
-        if loss == "ce":  # the batch-mean CE, as torchattacks: the same examples bit for bit
-            grad = _ce_grad(model, x_adv, y)
-        else:
-            grad = loss_and_grad(model, x_adv, y, loss)[2]
-        if norm == "Linf":
-            pgd_step_(x_adv, grad, x, alpha, eps, validate=False)
-        else:
-            x_adv = _step(x_adv, grad, x, alpha, eps, norm)
+        gs.run("step", lambda: _pgd_iteration(model, b.x_adv, b.x_nat, b.y, b.alpha, b.eps, norm, loss))
+    return b.x_adv.clone()
+
+
+def _pgd_once(model, x, y, eps, alpha, steps, random_start, generator, norm, loss, graph=False):
+    x_adv = _random_start(x, eps, norm, generator) if random_start else x.clone()
+    if graph and steps > 0:
+        return _graphed_steps(model, x_adv, x, y, eps, alpha, steps, norm, loss)
+    for _ in range(steps):
+        _pgd_iteration(model, x_adv, x, y, alpha, eps, norm, loss)
     return x_adv
 
 
-def pgd(model, x, y, eps, alpha, steps, random_start=True, restarts=1, generator=None, norm="Linf", loss="ce"):
+def pgd(model, x, y, eps, alpha, steps, random_start=True, restarts=1, generator=None, norm="Linf", loss="ce",
+        graph=False):
     """PGD: ``x_{i+1} = Proj_{x,eps}(x_i + alpha * d_i)`` clipped to [0, 1].
 
     Args:
@@ -395,6 +431,7 @@ def pgd(model, x, y, eps, alpha, steps, random_start=True, restarts=1, generator
         generator: torch.Generator (on x's device) for the random starts; None: the global RNG.
         norm: ``"Linf"`` (``d = sign(grad)``) or ``"L2"`` (``d = grad / ||grad||_2``).
         loss: one of ``LOSSES``; ``"moe_ce"`` / ``"moe_gate"`` need ``model(x, return_details=True)``.
+        graph: run each iteration as the replay of one captured CUDA graph (module docstring).
     Returns:
         adversarial images, same shape/dtype as x, detached.
     """
@@ -408,7 +445,8 @@ def pgd(model, x, y, eps, alpha, steps, random_start=True, restarts=1, generator
         if x.shape[0] == 0:
             return x.clone()
         _check_loss_classes(loss, _num_classes(model, x[:1]))
-        run = lambda: _pgd_once(model, x, y, eps, alpha, steps, random_start, generator, norm, loss)  # noqa: E731
+        run = lambda: _pgd_once(model, x, y, eps, alpha, steps, random_start, generator, norm, loss,  # noqa: E731
+                                bool(graph))
         if restarts == 1:
             return run()
         best = x.clone()
@@ -528,7 +566,7 @@ def _expert_range(model, experts):
         raise ValueError(str(exc)) from None
 
 
-def attack_experts(model, x, y, plan: ExpertAttackPlan, generator=None):
+def attack_experts(model, x, y, plan: ExpertAttackPlan, generator=None, graph=False):
     """Attack each expert of a range on its own input, all experts in one grouped pass per step.
 
     Expert ``e`` gets ``x_adv[:, e]``: unchanged for "clean", FGSM with its eps, or PGD with its
@@ -544,6 +582,8 @@ def attack_experts(model, x, y, plan: ExpertAttackPlan, generator=None):
         y: labels ``[B]`` (shared) or ``[B,E']`` (per expert).
         plan: an ``ExpertAttackPlan`` covering the E' experts of ``plan.experts``.
         generator: torch.Generator for the PGD random starts.
+        graph: run each step as the replay of a captured CUDA graph, one per span of running
+            experts (module docstring).
     Returns:
         ``x_adv [B,E',C,H,W]``, detached.
     """
@@ -579,30 +619,53 @@ def attack_experts(model, x, y, plan: ExpertAttackPlan, generator=None):
             x_adv = pgd_random_start(x_nat, start_eps, generator=generator, validate=False)
         else:
             x_adv = x_nat.clone()
-        _expert_steps(model, lo, x_adv, x_nat, y_e, steps, alpha_t, eps_t)
+        _expert_steps(model, lo, x_adv, x_nat, y_e, steps, alpha_t, eps_t, bool(graph))
     return x_adv
 
 
-def _expert_steps(model, lo, x_adv, x_nat, y_e, steps, alpha_t, eps_t):
+def _expert_steps(model, lo, x_adv, x_nat, y_e, steps, alpha_t, eps_t, graph=False):
     """attack_experts' step loop, in place on x_adv [B,E',...]: step t forwards only the span of
-    experts that still run and freezes the finished ones inside it."""
-    b, n = x_adv.shape[:2]
+    experts that still run and freezes the finished ones inside it. With ``graph``, each step is
+    the replay of the span's captured step; the step counter then lives on the device."""
+    n = x_adv.shape[1]
     steps_t = torch.tensor(steps, device=x_adv.device)  # one copy to the device, not one per step
+    if graph:
+        key = graphs.signature((model,), (x_adv, x_nat, y_e, alpha_t, eps_t), ("experts", lo))
+        gs = graphs.graph_set(model, key, lambda: dict(
+            x_adv=torch.empty_like(x_adv), x_nat=torch.empty_like(x_nat), y=torch.empty_like(y_e),
+            alpha=torch.empty_like(alpha_t), eps=torch.empty_like(eps_t), steps=torch.empty_like(steps_t),
+            t=torch.zeros((), dtype=steps_t.dtype, device=x_adv.device)))
+        gs.load(x_adv=x_adv, x_nat=x_nat, y=y_e, alpha=alpha_t, eps=eps_t, steps=steps_t, t=0)
+        b = gs.buf
     for t in range(max(steps)):
         running = [s > t for s in steps]
-        first = running.index(True)
-        last = n - running[::-1].index(True)
-        span = slice(first, last)
-        xs = x_adv[:, span].contiguous()
-        ys = y_e[:, span]
-        active = steps_t[span] > t
-        weight = active.to(xs.dtype)
+        span = slice(running.index(True), n - running[::-1].index(True))
+        if not graph:
+            _expert_step(model, lo, span, x_adv, x_nat, y_e, steps_t, t, alpha_t, eps_t)
+            continue
 
-        def loss_fn(logits):  # sum over running experts of each one's batch-mean CE
-            m = logits.shape[1]
-            ce = F.cross_entropy(logits.reshape(b * m, -1), ys.reshape(-1), reduction="none")
-            return (ce.view(b, m).mean(dim=0) * weight).sum()
+        def body(span=span):
+            _expert_step(model, lo, span, b.x_adv, b.x_nat, b.y, b.steps, b.t, b.alpha, b.eps)
+            b.t.add_(1)
+        gs.run(("span", span.start, span.stop), body)
+    if graph:
+        x_adv.copy_(b.x_adv)
 
-        grad = _input_grad(lambda z: model.experts_forward(z, experts=(lo + first, lo + last)), xs, loss_fn)
-        stepped = pgd_step(xs, grad, x_nat[:, span], alpha_t[:, span], eps_t[:, span], validate=False)
-        x_adv[:, span] = torch.where(active.view(1, -1, *([1] * (xs.dim() - 2))), stepped, xs)
+
+def _expert_step(model, lo, span, x_adv, x_nat, y_e, steps_t, t, alpha_t, eps_t):
+    """One step of the experts in ``span`` (in place on x_adv); expert e moves while
+    ``steps_t[e] > t`` (t: an int, or a 0-dim device tensor in the graphed loop)."""
+    b = x_adv.shape[0]
+    xs = x_adv[:, span].contiguous()
+    ys = y_e[:, span]
+    active = steps_t[span] > t
+    weight = active.to(xs.dtype)
+
+    def loss_fn(logits):  # sum over running experts of each one's batch-mean CE
+        m = logits.shape[1]
+        ce = F.cross_entropy(logits.reshape(b * m, -1), ys.reshape(-1), reduction="none")
+        return (ce.view(b, m).mean(dim=0) * weight).sum()
+
+    grad = _input_grad(lambda z: model.experts_forward(z, experts=(lo + span.start, lo + span.stop)), xs, loss_fn)
+    stepped = pgd_step(xs, grad, x_nat[:, span], alpha_t[:, span], eps_t[:, span], validate=False)
+    x_adv[:, span] = torch.where(active.view(1, -1, *([1] * (xs.dim() - 2))), stepped, xs)

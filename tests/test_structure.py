@@ -14,7 +14,7 @@ MAX_FUNCTION_LINES = 80
 LAYERS = {
     "constants": 0, "errors": 0, "reporting": 0, "kernels": 0,
     "checks": 1, "resnet": 1, "gate": 1, "grouped": 1, "autotune": 1, "moe": 1, "fold": 1, "distributed": 1,
-    "checkpoint": 1, "data": 1,
+    "checkpoint": 1, "data": 1, "graphs": 1,
     "attacks": 2, "apgd": 2, "square": 2, "presets": 2,
     "evaluate": 3, "plots": 3,
     "train": 4, "recipes": 4,

@@ -104,6 +104,8 @@ class TrainConfig:
     # -- speed (CUDA only; ignored on CPU)
     bf16: bool = _f(False, "bf16 autocast for the forward passes (CUDA)")
     channels_last: bool = _f(False, "channels_last weights and 4-D inputs (CUDA)")
+    cuda_graphs: bool = _f(False, "capture the attack steps and the training pass as CUDA graphs (CUDA, one "
+                                  "process; full batches only: the last partial batch runs uncaptured)", "free")
     # -- evaluation, logging, checkpoints
     eval_every: int = _f(0, "steps between held-out evaluations (0: end of each epoch; <0: never)", "free")
     eval_limit: int = _f(512, "held-out images per periodic evaluation", "free")
@@ -148,7 +150,7 @@ class TrainConfig:
             self._bad("dataset", f"one of {tuple(DATASETS)}")
         if self.data_dir is not None and not isinstance(self.data_dir, (str, os.PathLike)):
             self._bad("data_dir", "a path or None")
-        for name in ("download", "augment", "nesterov", "bf16", "channels_last"):
+        for name in ("download", "augment", "nesterov", "bf16", "channels_last", "cuda_graphs"):
             if not isinstance(getattr(self, name), bool):
                 self._bad(name, "a bool")
         self._int("train_size", 1, allow_none=True)

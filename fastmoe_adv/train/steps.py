@@ -6,6 +6,11 @@ Phase 1: every expert attacked against itself on its own stream in one grouped p
 Phase 2: an attack drawn per batch (FGSM with a random eps, or PGD with a random step count)
 against the whole mixture, then cross-entropy of the mixture on the result.
 Attacks run in eval mode (BN running statistics, no BN update); the training forward in train mode.
+
+``graph=True`` (``TrainConfig.cuda_graphs``) captures the attack steps and the training
+forward + gradients as CUDA graphs (``fastmoe_adv.graphs``); the optimizer step runs eagerly on
+the captured gradients (a handful of multi-tensor kernels, and the learning rate stays a
+Python float that the schedule may change every step). The same function as the plain step.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import attacks
+from .. import attacks, graphs
 from ..moe import FastSoftMoE
 from .config import SCHEDULES, TrainConfig
 
@@ -116,55 +121,87 @@ def autocast(device: torch.device, bf16: bool):
     return contextlib.nullcontext()
 
 
-def _optimize(optimizer, loss):
+def _update(net, optimizer, x, y, loss_fn, graph=False):
+    """``loss, stats = loss_fn(x, y)``, then one optimizer step on its gradients; returns
+    (loss, stats) detached. With ``graph``, the forward and the gradients are one captured CUDA
+    graph over static copies of x and y, and the step runs on the captured gradients."""
+    if not graph:
+        loss, stats = loss_fn(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach(), stats
+    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        raise ValueError("graph=True: DistributedDataParallel's gradient all-reduce runs in backward hooks that a "
+                         "captured step does not fire; run DDP training with graph=False")
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    key = graphs.signature((net,), (x, y), ("train", tuple(p.data_ptr() for p in params)))
+    gs = graphs.graph_set(net, key, lambda: dict(x=torch.empty_like(x), y=torch.empty_like(y)))
+    gs.load(x=x, y=y)
+
+    def body():
+        loss, stats = loss_fn(gs.buf.x, gs.buf.y)
+        return loss.detach(), stats, torch.autograd.grad(loss, params, allow_unused=True)
+
+    loss, stats, grads = gs.run("train", body)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    for p, g in zip(params, grads):
+        p.grad = g      # the graph's static gradient: read by this step, rewritten by the next replay
     optimizer.step()
+    return loss.clone(), stats.clone()
 
 
-def phase1_step(model: FastSoftMoE, net: nn.Module, optimizer, x, y, plan, generator=None, bf16=False):
+def phase1_step(model: FastSoftMoE, net: nn.Module, optimizer, x, y, plan, generator=None, bf16=False, graph=False):
     """One expert pre-training step.
 
     model: the plain mixture (attacked, in eval mode); net: what runs the training forward (the
     experts of ``model``, possibly DDP-wrapped). x: clean per-expert streams ``[B,E,3,H,W]``;
-    y: ``[B,E]``. Returns (loss, per-expert correct counts [E]) as detached tensors.
+    y: ``[B,E]``. graph: CUDA graphs for the attack and the training pass (module docstring).
+    Returns (loss, per-expert correct counts [E]) as detached tensors.
     """
     with autocast(x.device, bf16):
-        x_adv = attacks.attack_experts(model, x, y, plan, generator=generator)
+        x_adv = attacks.attack_experts(model, x, y, plan, generator=generator, graph=graph)
     net.train()
-    with autocast(x.device, bf16):
-        logits = net(x_adv)                                   # [B, E, K]
-    b, e, k = logits.shape
-    ce = F.cross_entropy(logits.float().reshape(b * e, k), y.reshape(-1), reduction="none").view(b, e)
-    loss = ce.mean(dim=0).sum()    # each expert's mean CE over its own stream, summed over experts
-    _optimize(optimizer, loss)
-    return loss.detach(), (logits.detach().argmax(-1) == y).sum(dim=0)
+
+    def loss_fn(xb, yb):
+        with autocast(xb.device, bf16):
+            logits = net(xb)                                   # [B, E, K]
+        b, e, k = logits.shape
+        ce = F.cross_entropy(logits.float().reshape(b * e, k), yb.reshape(-1), reduction="none").view(b, e)
+        # each expert's mean CE over its own stream, summed over experts
+        return ce.mean(dim=0).sum(), (logits.detach().argmax(-1) == yb).sum(dim=0)
+
+    return _update(net, optimizer, x_adv, y, loss_fn, graph)
 
 
 def phase2_step(model: FastSoftMoE, net: nn.Module, optimizer, x, y, attack: Phase2Attack, cfg: TrainConfig,
-                generator=None):
+                generator=None, graph=False):
     """One joint step: attack the whole mixture (``attack`` from ``draw_phase2_attack``), then
-    train experts and gate on the result. Returns (loss, correct count) detached."""
+    train experts and gate on the result. graph: CUDA graphs for the attack steps and the
+    training pass (module docstring). Returns (loss, correct count) detached."""
     with autocast(x.device, cfg.bf16):
         if attack.kind == "fgsm":
-            x_adv = attacks.fgsm(model, x, y, attack.eps)
+            x_adv = attacks.fgsm(model, x, y, attack.eps, graph=graph)
         else:
             x_adv = attacks.pgd(model, x, y, attack.eps, attack.alpha, int(attack.steps), random_start=True,
-                                generator=generator)
+                                generator=generator, graph=graph)
     if cfg.channels_last and x.device.type == "cuda":
         x_adv = x_adv.contiguous(memory_format=torch.channels_last)
     net.train()
     if not cfg.train_experts:
         model.experts.eval()     # frozen experts: their BatchNorm statistics stay phase 1's too
     regularized = bool(cfg.gate_entropy_weight or cfg.gate_balance_weight)
-    with autocast(x.device, cfg.bf16):
-        out = net(x_adv, return_details=True) if regularized else net(x_adv)
-    logits = out.logits if regularized else out
-    loss = F.cross_entropy(logits.float(), y)
-    if regularized:
-        loss = loss + gate_regularizer(out.gate_weights.float(), cfg.gate_entropy_weight, cfg.gate_balance_weight)
-    _optimize(optimizer, loss)
-    return loss.detach(), (logits.detach().argmax(-1) == y).sum()
+
+    def loss_fn(xb, yb):
+        with autocast(xb.device, cfg.bf16):
+            out = net(xb, return_details=True) if regularized else net(xb)
+        logits = out.logits if regularized else out
+        loss = F.cross_entropy(logits.float(), yb)
+        if regularized:
+            loss = loss + gate_regularizer(out.gate_weights.float(), cfg.gate_entropy_weight, cfg.gate_balance_weight)
+        return loss, (logits.detach().argmax(-1) == yb).sum()
+
+    return _update(net, optimizer, x_adv, y, loss_fn, graph)
 
 
 def gate_regularizer(weights: torch.Tensor, entropy_weight: float, balance_weight: float) -> torch.Tensor:

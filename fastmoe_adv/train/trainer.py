@@ -491,6 +491,9 @@ def _check_runtime(cfg: TrainConfig, info: distributed.DistInfo):
         if getattr(cfg, name) == "triton" and info.device.type != "cuda" and not dispatch.interpreter_enabled():
             raise ConfigError(f"TrainConfig.{name}: 'triton' needs a CUDA device (this run is on {info.device}); "
                               "use 'auto' or 'torch'")
+    if cfg.cuda_graphs and info.world_size > 1:
+        raise ConfigError(f"TrainConfig.cuda_graphs: expected False under torchrun with {info.world_size} processes "
+                          f"(DDP's gradient all-reduce does not run inside a captured step), got True")
 
 
 def _prepare_model(model: FastSoftMoE, cfg: TrainConfig, device) -> FastSoftMoE:
@@ -524,7 +527,8 @@ def pretrain(cfg: TrainConfig, out_dir, resume: bool = False, progress: bool = T
 
         def step_fn(x, y):
             plan = draw_phase1_plan(roles, cfg, run.choice_gen, cfg.eps_ramp(run.global_step, run.total_steps))
-            loss, correct = phase1_step(model, net, run.optimizer, x, y, plan, run.attack_gen, cfg.bf16)
+            loss, correct = phase1_step(model, net, run.optimizer, x, y, plan, run.attack_gen, cfg.bf16,
+                                        graph=cfg.cuda_graphs)
             return loss, correct, y.shape[0]     # per-expert correct counts, over B images each
 
         def eval_fn(m, images, labels):
@@ -562,7 +566,7 @@ def train(cfg: TrainConfig, out_dir, init=None, resume: bool = False, progress: 
 
         def step_fn(x, y):
             attack = draw_phase2_attack(cfg, run.choice_gen, cfg.eps_ramp(run.global_step, run.total_steps))
-            loss, correct = phase2_step(model, net, run.optimizer, x, y, attack, cfg, run.attack_gen)
+            loss, correct = phase2_step(model, net, run.optimizer, x, y, attack, cfg, run.attack_gen, cfg.cuda_graphs)
             return loss, correct, y.numel()
 
         def eval_fn(m, images, labels):

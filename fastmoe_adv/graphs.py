@@ -1,0 +1,231 @@
+"""CUDA graphs for the attack loops and the training steps: capture one iteration, replay it.
+
+Why: one PGD iteration, or one training forward/backward, of nine ResNet-18s launches hundreds
+of small kernels, and at batch 128 the GPU spends most of its time waiting for the host to
+launch them. A CUDA graph replays all of an iteration's kernels with one launch.
+
+The rules every graphed path in this package follows:
+
+- A ``GraphSet`` owns static device buffers and the bodies captured over them. Before each
+  call the caller writes its inputs into the buffers (``load``: copies and fills, no host
+  sync); each body reads and writes only those buffers (and returns tensors that the caller
+  reads before the next replay of the same body). Values that change between calls (images,
+  labels, eps, alpha, per-expert step counts, a step counter) live in these buffers, so one
+  capture serves every call of the same shapes.
+- The bodies of a set share one memory pool. A body's temporaries are dead once its replay
+  ends, and the only tensors read across bodies are the static buffers (allocated outside any
+  capture), so sharing is safe in whatever order the bodies are captured and replayed.
+- The set's key holds everything the recorded kernels depend on (``signature``: shapes,
+  dtypes, strides and devices of the inputs; autocast; every submodule's train/eval mode; the
+  storage, shape and dtype of every parameter and buffer; the engine's ``executor`` and
+  ``bn_backend``). A call that changes any of it gets another set: never a stale graph.
+  At most ``MAX_SETS`` sets are kept per owner (the least recently used is dropped, and with
+  it its graphs and their memory).
+- Warm-up (it resolves ``executor="auto"`` probes, compiles Triton kernels and initialises
+  cuBLAS/cuDNN) runs on a side stream before capture. Everything it changes, the static
+  buffers and the owner's module buffers (BatchNorm running statistics in train mode), is
+  restored before the real first run.
+- Under autocast, capture runs with the autocast cache off (a weight cast cached during the
+  capture would be freed while the graph still reads it).
+- A capture that fails (an operation that cannot be captured) is reported once as a warning
+  and in ``explain()``; that body then runs uncaptured for this set: slower, never wrong.
+- Without CUDA there are no graphs: a set on another device runs the same bodies on the same
+  static buffers eagerly (``emulated``). That is how the CPU tests check the graphed code
+  paths against the plain loops; it gains no speed.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import warnings
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+__all__ = ["GraphSet", "graph_set", "signature", "explain", "records", "clear", "MAX_SETS", "WARMUP"]
+
+MAX_SETS = 8      # graph sets kept per owner module (each holds its graphs' memory pool)
+WARMUP = 2        # eager runs of a body on a side stream before it is captured
+
+_SETS: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
+_RECORDS: list = []
+_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class Record:
+    """One capture: which owner and body, on which key, and how it went."""
+
+    owner: str
+    body: str
+    status: str      # "captured" | "failed: <error>" | "emulated"
+    key: tuple
+
+    def describe(self) -> str:
+        return f"{self.owner}.{self.body}: {self.status}"
+
+
+# ----------------------------------------------------------------------------- keys
+def _tensor_sig(t: torch.Tensor) -> tuple:
+    return tuple(t.shape), t.dtype, t.stride(), str(t.device)
+
+
+def _autocast_sig() -> tuple:
+    if torch.cuda.is_available() and torch.is_autocast_enabled("cuda"):
+        return ("cuda", torch.get_autocast_dtype("cuda"))
+    return ("off",)
+
+
+def signature(modules=(), tensors=(), extra=()) -> tuple:
+    """The key of a graph set: what the recorded kernels depend on (see the module docstring)."""
+    mods = []
+    for module in modules:
+        mods.append(tuple(m.training for m in module.modules()))
+        mods.append(tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in module.parameters()))
+        mods.append(tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in module.buffers()))
+        mods.append(tuple((getattr(m, "executor", None), getattr(m, "bn_backend", None))
+                          for m in module.modules() if hasattr(m, "bn_backend")))
+    return (tuple(extra), tuple(_tensor_sig(t) for t in tensors), _autocast_sig(), tuple(mods))
+
+
+def _autocast_without_cache():
+    if torch.cuda.is_available() and torch.is_autocast_enabled("cuda"):
+        return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------- the set
+class GraphSet:
+    """Static buffers plus the bodies captured over them (see the module docstring).
+
+    ``buf``: the static tensors by name. ``load(**values)`` writes a call's inputs into them.
+    ``run(name, body)`` runs body ``name``: its graph's replay on CUDA (captured on first use),
+    the body itself elsewhere or where capture failed. Returns what the body returned at capture
+    (the replay rewrites those tensors: read them before the next ``run`` of the same name).
+    """
+
+    def __init__(self, owner: torch.nn.Module, key: tuple, buffers: dict):
+        self.owner_name, self.key = type(owner).__name__, key
+        self._owner = weakref.ref(owner)
+        self.buf = SimpleNamespace(**buffers)
+        devices = {t.device.type for t in buffers.values()}
+        self.emulated = devices != {"cuda"}
+        self.graphs: dict = {}
+        self.outputs: dict = {}
+        self.failed: dict = {}
+        self.pool = None
+        self.replays = 0
+
+    def load(self, **values) -> None:
+        """Write inputs into the static buffers: tensors are copied, numbers filled (no sync)."""
+        for name, value in values.items():
+            dst = getattr(self.buf, name)
+            if isinstance(value, torch.Tensor):
+                dst.copy_(value)
+            else:
+                dst.fill_(value)
+
+    def run(self, name, body: Callable):
+        if self.emulated or name in self.failed:
+            if self.emulated and name not in self.graphs:
+                self.graphs[name] = None
+                _record(self, name, "emulated")
+            return body()
+        graph = self.graphs.get(name)
+        if graph is None:
+            graph = self._capture(name, body)
+            if graph is None:
+                return body()
+        graph.replay()
+        self.replays += 1
+        return self.outputs[name]
+
+    # ------------------------------------------------------------------ capture
+    def _state(self) -> list:
+        owner = self._owner()
+        module_buffers = list(owner.buffers()) if owner is not None else []
+        return list(vars(self.buf).values()) + module_buffers
+
+    def _capture(self, name, body):
+        tensors = self._state()
+        saved = [t.clone() for t in tensors]
+        try:
+            graph, out = self._capture_graph(body)
+        except Exception as exc:  # noqa: BLE001 - any capture failure falls back to the eager body
+            _restore(tensors, saved)
+            message = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            self.failed[name] = message
+            _record(self, name, f"failed: {message}")
+            warnings.warn(f"fastmoe_adv: CUDA graph capture of {self.owner_name}.{name} failed ({message}); "
+                          f"this step runs uncaptured (same result, no speed-up).", RuntimeWarning, stacklevel=4)
+            return None
+        _restore(tensors, saved)
+        self.graphs[name], self.outputs[name] = graph, out
+        self.pool = self.pool if self.pool is not None else graph.pool()
+        _record(self, name, "captured")
+        return graph
+
+    def _capture_graph(self, body):
+        """Warm up on a side stream, then capture; returns (graph, body's outputs)."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), _autocast_without_cache():
+            for _ in range(WARMUP):
+                body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool), _autocast_without_cache():
+            out = body()
+        return graph, out
+
+
+def _restore(tensors, saved) -> None:
+    with torch.no_grad():
+        for t, s in zip(tensors, saved):
+            t.copy_(s)
+
+
+def _record(gs: GraphSet, name, status) -> None:
+    with _LOCK:
+        _RECORDS.append(Record(gs.owner_name, str(name), status, gs.key[0]))
+
+
+# ----------------------------------------------------------------------------- the cache
+def graph_set(owner: torch.nn.Module, key: tuple, make_buffers: Callable[[], dict]) -> GraphSet:
+    """The set of ``owner`` for ``key``, made (with ``make_buffers()``) on first use."""
+    with _LOCK:
+        sets = _SETS.get(owner)
+        if sets is None:
+            sets = _SETS[owner] = OrderedDict()
+        gs = sets.get(key)
+        if gs is not None:
+            sets.move_to_end(key)
+            return gs
+    gs = GraphSet(owner, key, make_buffers())
+    with _LOCK:
+        sets[key] = gs
+        while len(sets) > MAX_SETS:
+            sets.popitem(last=False)
+    return gs
+
+
+def records() -> list:
+    """Every capture so far (``Record``s), oldest first."""
+    with _LOCK:
+        return list(_RECORDS)
+
+
+def explain() -> str:
+    """One line per captured (or failed, or emulated) body."""
+    return "\n".join(r.describe() for r in records()) or "no CUDA graphs captured"
+
+
+def clear() -> None:
+    """Drop every graph set (and the memory of their graphs) and the records."""
+    with _LOCK:
+        _SETS.clear()
+        _RECORDS.clear()
