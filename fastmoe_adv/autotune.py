@@ -12,7 +12,9 @@
    ``auto_pick`` column) or ``FASTMOE_EXECUTOR=probe``.
 3. CUDA (and any other device): a first-use probe times both executors on the actual shape
    (``probe``) and caches the faster, keyed by device name, experts, width, batch, H, W, dtype,
-   memory layout, autocast, BN mode and the kind of pass. The probe leaves the engine as it was:
+   memory layout, autocast, BN mode, the kind of pass and whether the caller is being captured
+   as a CUDA graph (``fastmoe_adv.graphs``: then each executor is timed as a graph replay, since
+   without launch overhead the ranking can change). The probe leaves the engine as it was:
    BatchNorm buffers are saved and restored, gradients come from ``torch.autograd.grad`` (no
    parameter ``.grad`` is written).
 
@@ -32,6 +34,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+
+from . import graphs
 
 __all__ = ["pick_executor", "decide", "probe", "explain", "decisions", "clear", "Decision", "TableRow", "ProbeSettings",
            "CPU_TABLE", "PROBE_SETTINGS", "ENV_VAR", "CHOICES", "work_per_expert"]
@@ -121,7 +125,7 @@ class Decision:
 
 
 _KEY_FIELDS = ("device", "experts", "active", "shared_input", "width", "batch", "H", "W", "dtype", "x_layout",
-               "w_layout", "autocast", "bn_train", "pass", "cudnn_benchmark", "bn_backend")
+               "w_layout", "autocast", "bn_train", "pass", "cudnn_benchmark", "bn_backend", "graphed")
 
 _LOCK = threading.RLock()
 _PROBED: dict = {}          # key -> Decision (probe results, reused)
@@ -201,7 +205,8 @@ def probe(engine, x, runs: int = 5, warmup: int = 2, timer: Callable | None = No
     input gradient (an attack step); with grad mode on and trainable parameters, forward +
     parameter gradients (a training step); else forward only. Runs under the caller's autocast
     and BN mode. BatchNorm buffers are restored afterwards and no ``.grad`` is written. An
-    executor that runs out of memory gets ``inf``.
+    executor that runs out of memory gets ``inf``. While a CUDA graph is being warmed up or
+    captured (``graphs.graphing()``), each pass is timed as the replay of its own captured graph.
     """
     if runs < 1 or warmup < 0:
         raise ValueError(f"probe needs runs >= 1 and warmup >= 0, got runs={runs}, warmup={warmup}")
@@ -221,6 +226,7 @@ def probe(engine, x, runs: int = 5, warmup: int = 2, timer: Callable | None = No
     saved = {name: b.detach().clone() for name, b in engine.named_buffers()}
     samples = {e: [] for e in CHOICES}
     failed = {}
+    passes = {e: (lambda e=e: one_pass(e)) for e in CHOICES}
     try:
         for e in CHOICES:
             try:
@@ -229,12 +235,14 @@ def probe(engine, x, runs: int = 5, warmup: int = 2, timer: Callable | None = No
             except torch.cuda.OutOfMemoryError as exc:
                 failed[e] = exc
                 _free(x.device)
+        if graphs.graphing() and x.device.type == "cuda":
+            passes = _as_graph_replays(passes, failed)
         for _ in range(runs):
             for e in CHOICES:
                 if e in failed:
                     continue
                 try:
-                    samples[e].append(float(timer(lambda: one_pass(e), e)))
+                    samples[e].append(float(timer(passes[e], e)))
                 except torch.cuda.OutOfMemoryError as exc:
                     failed[e] = exc
                     _free(x.device)
@@ -245,6 +253,23 @@ def probe(engine, x, runs: int = 5, warmup: int = 2, timer: Callable | None = No
     if len(failed) == len(CHOICES):
         raise failed[CHOICES[0]]
     return {e: (math.inf if e in failed or not samples[e] else statistics.median(samples[e])) for e in CHOICES}
+
+
+def _as_graph_replays(passes: dict, failed: dict) -> dict:
+    """Each executor's pass captured as a CUDA graph (the caller is being captured: replays are
+    what it will run); an executor whose capture fails keeps its eager pass."""
+    replays = {}
+    for e, run in passes.items():
+        if e in failed:
+            continue
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                run()
+            replays[e] = graph.replay
+        except Exception:  # noqa: BLE001 - timed eagerly instead
+            replays[e] = run
+    return replays
 
 
 def _wall_timer(device):
@@ -330,7 +355,8 @@ def _key(engine, x) -> tuple:
     cudnn = bool(torch.backends.cudnn.benchmark) if x.device.type == "cuda" else None
     return (_device_name(x.device), engine.num_experts, active, shared, engine.width, x.shape[0], h, w,
             str(x.dtype).replace("torch.", ""), _order(x), _order(engine.conv1.weight), _autocast_state(x.device.type),
-            bool(engine.training), _pass_kind(engine, x), cudnn, getattr(engine, "bn_backend", "torch"))
+            bool(engine.training), _pass_kind(engine, x), cudnn, getattr(engine, "bn_backend", "torch"),
+            graphs.graphing() and x.device.type == "cuda")
 
 
 def _is_compiling() -> bool:

@@ -22,9 +22,10 @@ The rules every graphed path in this package follows:
   At most ``MAX_SETS`` sets are kept per owner (the least recently used is dropped, and with
   it its graphs and their memory).
 - Warm-up (it resolves ``executor="auto"`` probes, compiles Triton kernels and initialises
-  cuBLAS/cuDNN) runs on a side stream before capture. Everything it changes, the static
-  buffers and the owner's module buffers (BatchNorm running statistics in train mode), is
-  restored before the real first run.
+  cuBLAS/cuDNN) runs on a side stream before capture; inside warm-up and capture ``graphing()``
+  is true, and the ``executor="auto"`` probe then times each executor as a graph replay.
+  Everything warm-up changes, the static buffers and the owner's module buffers (BatchNorm
+  running statistics in train mode), is restored before the real first run.
 - Under autocast, capture runs with the autocast cache off (a weight cast cached during the
   capture would be freed while the graph still reads it).
 - A capture that fails (an operation that cannot be captured) is reported once as a warning
@@ -46,7 +47,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["GraphSet", "graph_set", "signature", "explain", "records", "clear", "MAX_SETS", "WARMUP"]
+__all__ = ["GraphSet", "graph_set", "signature", "explain", "records", "clear", "graphing", "MAX_SETS", "WARMUP"]
 
 MAX_SETS = 8      # graph sets kept per owner module (each holds its graphs' memory pool)
 WARMUP = 2        # eager runs of a body on a side stream before it is captured
@@ -54,6 +55,23 @@ WARMUP = 2        # eager runs of a body on a side stream before it is captured
 _SETS: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
 _RECORDS: list = []
 _LOCK = threading.Lock()
+_SCOPE = threading.local()
+
+
+def graphing() -> bool:
+    """True while a body is warmed up or captured (on this thread): ``executor="auto"`` then
+    times the executors as graph replays, which is how they will run."""
+    return getattr(_SCOPE, "active", False)
+
+
+@contextlib.contextmanager
+def _graphing_scope():
+    previous = graphing()
+    _SCOPE.active = True
+    try:
+        yield
+    finally:
+        _SCOPE.active = previous
 
 
 @dataclass(frozen=True)
@@ -173,12 +191,12 @@ class GraphSet:
         """Warm up on a side stream, then capture; returns (graph, body's outputs)."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side), _autocast_without_cache():
+        with torch.cuda.stream(side), _autocast_without_cache(), _graphing_scope():
             for _ in range(WARMUP):
                 body()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool), _autocast_without_cache():
+        with torch.cuda.graph(graph, pool=self.pool), _autocast_without_cache(), _graphing_scope():
             out = body()
         return graph, out
 

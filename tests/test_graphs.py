@@ -286,3 +286,18 @@ def test_a_tiny_run_with_cuda_graphs_ends_where_the_plain_run_ends(tmp_path):
         summary = train(cfg, out, progress=False, log=lambda *a: None)
         finals.append(_state(summary["model"]))
     assert _same_state(*finals)
+
+
+def test_graphing_scope_is_per_call_and_the_auto_key_records_it():
+    from fastmoe_adv import autotune
+    moe, _ = small_moe(executor="auto")
+    x, _ = data(b=3)
+    assert not graphs.graphing()
+    with graphs._graphing_scope():
+        assert graphs.graphing()
+        with graphs._graphing_scope():
+            assert graphs.graphing()
+        assert graphs.graphing()
+        key = dict(zip(autotune._KEY_FIELDS, autotune._key(moe.experts, x)))
+    assert not graphs.graphing()
+    assert key["graphed"] is False        # CPU: nothing is captured, the executors run as they always do

@@ -132,3 +132,14 @@ def test_captured_training_steps_match_eager(phase):
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k
     _all_captured()
+
+
+def test_auto_executor_is_probed_as_graph_replays_inside_a_capture():
+    from fastmoe_adv import autotune
+    autotune.clear()
+    moe = _moe("auto")
+    x, y = _data(b=32)
+    A.pgd(moe, x, y, 8 / 255, 2 / 255, 2, graph=True)
+    decisions = [d for d in autotune.decisions() if dict(zip(autotune._KEY_FIELDS, d.key))["graphed"]]
+    assert decisions and all(d.source == "probe" for d in decisions), autotune.explain()
+    _all_captured()
