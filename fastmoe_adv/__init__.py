@@ -15,7 +15,7 @@ from .resnet import ResNet18
 __version__ = "0.1.0"
 
 _SUBMODULES = ("attacks", "apgd", "square", "presets", "evaluate", "data", "train", "checkpoint", "distributed",
-               "kernels", "autotune", "cli", "constants", "errors", "reporting", "demo", "plots", "fold")
+               "kernels", "autotune", "cli", "constants", "errors", "reporting", "demo", "plots", "fold", "graphs")
 
 __all__ = ["ResNet18", "GroupedResNet18", "FastSoftMoE", "ReferenceSoftMoE", "MoEOutput", "Gate",
            "default_roles", "__version__", *_SUBMODULES]

@@ -47,7 +47,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["GraphSet", "graph_set", "signature", "explain", "records", "clear", "graphing", "MAX_SETS", "WARMUP"]
+__all__ = ["GraphSet", "graph_set", "train_step", "signature", "explain", "records", "clear", "graphing", "MAX_SETS",
+           "WARMUP"]
 
 MAX_SETS = 8      # graph sets kept per owner module (each holds its graphs' memory pool)
 WARMUP = 2        # eager runs of a body on a side stream before it is captured
@@ -210,6 +211,41 @@ def _restore(tensors, saved) -> None:
 def _record(gs: GraphSet, name, status) -> None:
     with _LOCK:
         _RECORDS.append(Record(gs.owner_name, str(name), status, gs.key[0]))
+
+
+# ----------------------------------------------------------------------------- a training step
+def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+               loss_fn: Callable) -> tuple:
+    """One optimizer step whose forward and gradients are one captured CUDA graph.
+
+    ``loss_fn(x, y) -> (loss, stats)`` runs ``net`` (in whatever mode and autocast the caller
+    set) and returns the scalar loss and a tensor of statistics (accuracy counts, ...). Its
+    forward and ``torch.autograd.grad(loss, params)`` over the optimizer's trainable parameters
+    are captured on static copies of x and y; each call copies x and y in, replays, hands the
+    captured gradients to the parameters' ``.grad`` and runs ``optimizer.step()`` eagerly (so
+    learning-rate schedules work unchanged). Returns (loss, stats), detached copies. The same
+    function as ``loss.backward(); optimizer.step()``; x and y must keep their shapes from call
+    to call to reuse the capture (a new shape captures anew). Not for DistributedDataParallel,
+    whose all-reduce runs in backward hooks that the captured gradients do not fire.
+    """
+    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+        raise ValueError("graphs.train_step: DistributedDataParallel's gradient all-reduce runs in backward hooks "
+                         "that a captured step does not fire; run DDP training uncaptured")
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+    key = signature((net,), (x, y), ("train", tuple(p.data_ptr() for p in params)))
+    gs = graph_set(net, key, lambda: dict(x=torch.empty_like(x), y=torch.empty_like(y)))
+    gs.load(x=x, y=y)
+
+    def body():
+        loss, stats = loss_fn(gs.buf.x, gs.buf.y)
+        return loss.detach(), stats.detach(), torch.autograd.grad(loss, params, allow_unused=True)
+
+    loss, stats, grads = gs.run("train", body)
+    optimizer.zero_grad(set_to_none=True)
+    for p, g in zip(params, grads):
+        p.grad = g      # the graph's static gradient: read by this step, rewritten by the next replay
+    optimizer.step()
+    return loss.clone(), stats.clone()
 
 
 # ----------------------------------------------------------------------------- the cache

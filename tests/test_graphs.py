@@ -301,3 +301,27 @@ def test_graphing_scope_is_per_call_and_the_auto_key_records_it():
         key = dict(zip(autotune._KEY_FIELDS, autotune._key(moe.experts, x)))
     assert not graphs.graphing()
     assert key["graphed"] is False        # CPU: nothing is captured, the executors run as they always do
+
+
+def test_train_step_for_user_code_matches_backward_and_step():
+    """graphs.train_step on a user's own module and loss: the same parameters as backward + step."""
+    def make():
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.BatchNorm2d(5), torch.nn.ReLU(),
+                                  torch.nn.Flatten(), torch.nn.Linear(5 * 6 * 6, 10)).train()
+        return net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+
+    def loss_fn(net):
+        def fn(xb, yb):
+            logits = net(xb)
+            return torch.nn.functional.cross_entropy(logits, yb), (logits.argmax(-1) == yb).sum()
+        return fn
+
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.rand(7, 3, 8, 8, generator=g), torch.randint(0, 10, (7,), generator=g)) for _ in range(3)]
+    (net0, opt0), (net1, opt1) = make(), make()
+    for x, y in batches:
+        loss0, stats0 = S._update(net0, opt0, x, y, loss_fn(net0), graph=False)
+        loss1, stats1 = fm.graphs.train_step(net1, opt1, x, y, loss_fn(net1))
+        assert torch.equal(loss0, loss1) and torch.equal(stats0, stats1)
+    assert all(torch.equal(a, b) for a, b in zip(net0.state_dict().values(), net1.state_dict().values()))

@@ -131,24 +131,7 @@ def _update(net, optimizer, x, y, loss_fn, graph=False):
         loss.backward()
         optimizer.step()
         return loss.detach(), stats
-    if isinstance(net, torch.nn.parallel.DistributedDataParallel):
-        raise ValueError("graph=True: DistributedDataParallel's gradient all-reduce runs in backward hooks that a "
-                         "captured step does not fire; run DDP training with graph=False")
-    params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-    key = graphs.signature((net,), (x, y), ("train", tuple(p.data_ptr() for p in params)))
-    gs = graphs.graph_set(net, key, lambda: dict(x=torch.empty_like(x), y=torch.empty_like(y)))
-    gs.load(x=x, y=y)
-
-    def body():
-        loss, stats = loss_fn(gs.buf.x, gs.buf.y)
-        return loss.detach(), stats, torch.autograd.grad(loss, params, allow_unused=True)
-
-    loss, stats, grads = gs.run("train", body)
-    optimizer.zero_grad(set_to_none=True)
-    for p, g in zip(params, grads):
-        p.grad = g      # the graph's static gradient: read by this step, rewritten by the next replay
-    optimizer.step()
-    return loss.clone(), stats.clone()
+    return graphs.train_step(net, optimizer, x, y, loss_fn)
 
 
 def phase1_step(model: FastSoftMoE, net: nn.Module, optimizer, x, y, plan, generator=None, bf16=False, graph=False):
