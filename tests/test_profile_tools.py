@@ -219,3 +219,17 @@ def test_pipeline_full_size_refuses_without_cuda(capsys):
         pytest.skip("a CUDA device is present")
     assert pl.main([]) == 0
     assert capsys.readouterr().out.startswith("skipped: needs CUDA")
+
+
+def test_kernel_floor_quick_runs_end_to_end(tmp_path, capsys):
+    kf = _load("kernel_floor")
+    assert kf.main(["--quick", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "kernel_floor.json").read_text())
+    kernels = [r["kernel"] for r in data["rows"]]
+    assert kernels[:2] == ["gated_mix forward", "gated_mix backward"] and len(kernels) == 5
+    assert data["copy_gb_s"] > 0 and all(r["events_ms"] > 0 and r["floor_ms"] > 0 for r in data["rows"])
+    # the floor is bytes over the measured bandwidth: 4 full tensors for a pgd_step
+    step = data["rows"][2]
+    assert step["bytes"] == 4 * 4 * 3 * 3 * 8 * 8 * 4
+    assert abs(step["floor_ms"] - step["bytes"] / (data["copy_gb_s"] * 1e9) * 1e3) < 1e-9
+    assert "smoke run" in capsys.readouterr().out
