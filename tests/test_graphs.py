@@ -58,8 +58,9 @@ def test_one_graph_set_serves_new_values_of_eps_alpha_and_images():
     assert len(graphs.records()) == 1        # one set, one body: the values live in static buffers
 
 
-def test_graphed_attack_experts_matches_the_span_loop():
-    moe, _ = small_moe()
+@pytest.mark.parametrize("executor", ["grouped", "loop"])
+def test_graphed_attack_experts_matches_the_span_loop(executor):
+    moe, _ = small_moe(executor=executor)
     x, y = data(b=5)
     plan = A.make_plan(moe.roles, [0.02, 0.04], [3, 5])   # spans: all, then the PGD pair, then the last one
     outs = [A.attack_experts(moe, x, y, plan, generator=torch.Generator().manual_seed(3), graph=g)
@@ -195,9 +196,9 @@ def test_capture_restores_what_the_warm_up_changed(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- training steps
-def _moe_and_opt(seed=0):
+def _moe_and_opt(seed=0, executor="grouped"):
     torch.manual_seed(seed)
-    moe = fm.FastSoftMoE(num_experts=3, num_classes=10, width=4, roles=["clean", "fgsm", "pgd"], executor="grouped",
+    moe = fm.FastSoftMoE(num_experts=3, num_classes=10, width=4, roles=["clean", "fgsm", "pgd"], executor=executor,
                          backend="torch")
     return moe, torch.optim.SGD(moe.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
 
@@ -210,13 +211,14 @@ def _same_state(a, b):
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_graphed_phase1_steps_equal_the_plain_steps():
+@pytest.mark.parametrize("executor", ["grouped", "loop"])
+def test_graphed_phase1_steps_equal_the_plain_steps(executor):
     cfg = tiny_train_config(num_experts=3)
     g = torch.Generator().manual_seed(2)
     x, y = torch.rand(6, 3, 3, 8, 8, generator=g), torch.randint(0, 10, (6, 3), generator=g)
     results = []
     for graph in (False, True):
-        moe, _ = _moe_and_opt()
+        moe, _ = _moe_and_opt(executor=executor)
         net = S.ExpertsNet(moe)
         opt = torch.optim.SGD(moe.experts.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         choice, attack_gen = torch.Generator().manual_seed(4), torch.Generator().manual_seed(5)
@@ -325,3 +327,12 @@ def test_train_step_for_user_code_matches_backward_and_step():
         loss1, stats1 = fm.graphs.train_step(net1, opt1, x, y, loss_fn(net1))
         assert torch.equal(loss0, loss1) and torch.equal(stats0, stats1)
     assert all(torch.equal(a, b) for a, b in zip(net0.state_dict().values(), net1.state_dict().values()))
+
+
+def test_graphed_pgd_with_the_fused_batchnorm_kernel():
+    """bn_backend="triton" (the interpreter on CPU): the graphed step code runs the fused op too."""
+    moe, _ = small_moe()
+    moe.bn_backend = "triton"
+    x, y = data(b=3)
+    outs = [A.pgd(moe, x, y, 0.03, 0.01, 2, random_start=False, graph=g) for g in (False, True)]
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], x)
