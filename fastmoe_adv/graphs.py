@@ -18,9 +18,10 @@ The rules every graphed path in this package follows:
 - The set's key holds everything the recorded kernels depend on (``signature``: shapes,
   dtypes, strides and devices of the inputs; autocast; every submodule's train/eval mode; the
   storage, shape and dtype of every parameter and buffer; the engine's ``executor`` and
-  ``bn_backend``). A call that changes any of it gets another set: never a stale graph.
-  At most ``MAX_SETS`` sets are kept per owner (the least recently used is dropped, and with
-  it its graphs and their memory).
+  ``bn_backend``; with ``fold_bn`` in eval mode, every parameter's version, since the folded
+  weights are refolded into new tensors after any change). A call that changes any of it gets
+  another set: never a stale graph. At most ``MAX_SETS`` sets are kept per owner (the least
+  recently used is dropped, and with it its graphs and their memory).
 - Warm-up (it resolves ``executor="auto"`` probes, compiles Triton kernels and initialises
   cuBLAS/cuDNN) runs on a side stream before capture; inside warm-up and capture ``graphing()``
   is true, and the ``executor="auto"`` probe then times each executor as a graph replay.
@@ -37,6 +38,7 @@ The rules every graphed path in this package follows:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import threading
 import warnings
 import weakref
@@ -108,7 +110,17 @@ def signature(modules=(), tensors=(), extra=()) -> tuple:
         mods.append(tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in module.buffers()))
         mods.append(tuple((getattr(m, "executor", None), getattr(m, "bn_backend", None))
                           for m in module.modules() if hasattr(m, "bn_backend")))
+        mods.append(tuple(_cache_versions(m) for m in module.modules()))
     return (tuple(extra), tuple(_tensor_sig(t) for t in tensors), _autocast_sig(), tuple(mods))
+
+
+def _cache_versions(module) -> tuple:
+    """A mixture with ``fold_bn`` in eval mode computes from folded copies of its weights, which
+    are refolded (new tensors) after any parameter or statistic changes: its key then holds every
+    parameter's and buffer's in-place version, so a graph never replays stale or freed weights."""
+    if getattr(module, "fold_bn", False) and hasattr(module, "experts") and not module.experts.training:
+        return tuple(t._version for t in itertools.chain(module.parameters(), module.buffers()))
+    return ()
 
 
 def _autocast_without_cache():

@@ -336,3 +336,21 @@ def test_graphed_pgd_with_the_fused_batchnorm_kernel():
     x, y = data(b=3)
     outs = [A.pgd(moe, x, y, 0.03, 0.01, 2, random_start=False, graph=g) for g in (False, True)]
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], x)
+
+
+def test_a_folded_mixture_is_recaptured_after_its_weights_change():
+    """fold_bn computes from folded copies that are rebuilt (new tensors) after any change: a
+    graph captured over the old copies must not be replayed."""
+    moe, _ = small_moe()
+    x, y = data(b=3)
+    for fold in (False, True):
+        moe.fold_bn = fold
+        with A.attack_mode(moe):
+            before = graphs.signature((moe,), (x, y))
+            with torch.no_grad():
+                moe.experts.conv1.weight.mul_(1.01)      # an optimizer step, in place: same storage
+            after = graphs.signature((moe,), (x, y))
+        assert (before != after) == fold
+    moe.fold_bn = True
+    plain = A.pgd(moe, x, y, 0.03, 0.01, 3, random_start=False)
+    assert torch.equal(A.pgd(moe, x, y, 0.03, 0.01, 3, random_start=False, graph=True), plain)
