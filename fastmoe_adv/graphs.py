@@ -16,12 +16,13 @@ The rules every graphed path in this package follows:
   ends, and the only tensors read across bodies are the static buffers (allocated outside any
   capture), so sharing is safe in whatever order the bodies are captured and replayed.
 - The set's key holds everything the recorded kernels depend on (``signature``: shapes,
-  dtypes, strides and devices of the inputs; autocast; every submodule's train/eval mode; the
-  storage, shape and dtype of every parameter and buffer; the engine's ``executor`` and
-  ``bn_backend``; with ``fold_bn`` in eval mode, every parameter's version, since the folded
-  weights are refolded into new tensors after any change). A call that changes any of it gets
-  another set: never a stale graph. At most ``MAX_SETS`` sets are kept per owner (the least
-  recently used is dropped, and with it its graphs and their memory).
+  dtypes, strides and devices of the inputs; autocast; every submodule's plain settings (its
+  train/eval mode, ``executor``, ``bn_backend``, a mixture's ``temperature`` and ``mix``, ...);
+  the storage, shape and dtype of every parameter and buffer; with ``fold_bn`` in eval mode,
+  every parameter's version, since the folded weights are refolded into new tensors after any
+  change). A call that changes any of it gets another set: never a stale graph. At most
+  ``MAX_SETS`` sets are kept per owner (the least recently used is dropped, and with it its
+  graphs and their memory).
 - Warm-up (it resolves ``executor="auto"`` probes, compiles Triton kernels and initialises
   cuBLAS/cuDNN) runs on a side stream before capture; inside warm-up and capture ``graphing()``
   is true, and the ``executor="auto"`` probe then times each executor as a graph replay.
@@ -105,13 +106,20 @@ def signature(modules=(), tensors=(), extra=()) -> tuple:
     """The key of a graph set: what the recorded kernels depend on (see the module docstring)."""
     mods = []
     for module in modules:
-        mods.append(tuple(m.training for m in module.modules()))
+        mods.append(tuple(_settings(m) for m in module.modules()))
         mods.append(tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in module.parameters()))
         mods.append(tuple((t.data_ptr(), tuple(t.shape), t.dtype) for t in module.buffers()))
-        mods.append(tuple((getattr(m, "executor", None), getattr(m, "bn_backend", None))
-                          for m in module.modules() if hasattr(m, "bn_backend")))
         mods.append(tuple(_cache_versions(m) for m in module.modules()))
     return (tuple(extra), tuple(_tensor_sig(t) for t in tensors), _autocast_sig(), tuple(mods))
+
+
+_SETTING_TYPES = (bool, int, float, str, tuple, type(None))
+
+
+def _settings(module) -> tuple:
+    """A module's plain public attributes (train/eval mode, executor, bn_backend, temperature,
+    mix, eps, ...): a graph bakes in the values it was captured with."""
+    return tuple((k, v) for k, v in vars(module).items() if not k.startswith("_") and isinstance(v, _SETTING_TYPES))
 
 
 def _cache_versions(module) -> tuple:

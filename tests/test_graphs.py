@@ -116,6 +116,10 @@ def test_the_key_changes_with_everything_a_graph_records():
     moe.experts.executor = "loop"
     assert graphs.signature((moe,), (x, y), ("pgd",)) != base                                # executor
     moe.experts.executor = "grouped"
+    moe.temperature = 2.0
+    assert graphs.signature((moe,), (x, y), ("pgd",)) != base                                # a setting read in forward
+    moe.temperature = 1.0
+    assert graphs.signature((moe,), (x, y), ("pgd",)) == base
     moe.gate.fc.weight = torch.nn.Parameter(moe.gate.fc.weight.detach().clone())
     assert graphs.signature((moe,), (x, y), ("pgd",)) != base                                # a new parameter storage
 
