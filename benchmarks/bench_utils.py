@@ -132,6 +132,42 @@ def measure_once(fn, device, reps=1):
     return statistics.median(times)
 
 
+# ----------------------------------------------------------------------------- CUDA graph rows
+def skip_unless_graphs(device: str):
+    """Graphed rows time CUDA graph replays: without CUDA ``fastmoe_adv.graphs`` runs the same
+    bodies uncaptured (no speed-up), so such a row would time the eager path a second time."""
+    if device != "cuda":
+        pytest.skip("CUDA graph rows are CUDA only: without CUDA the graphed code runs uncaptured "
+                    "(fastmoe_adv.graphs emulation, no speed-up), so the row would repeat the eager row")
+
+
+@contextlib.contextmanager
+def graph_row(device: str):
+    """Around a graphed row: yields ``status()``, which fails the row unless every body it used
+    was captured (a failed capture runs uncaptured: the row would time the eager path under a
+    graphed name) and returns what the row records; afterwards every graph set is dropped (each
+    holds its own memory pool) and the cached memory released."""
+    from fastmoe_adv import graphs
+    start = len(graphs.records())
+
+    def status() -> dict:
+        recs = graphs.records()[start:]
+        bad = [r.describe() for r in recs if r.status != "captured"]
+        if bad or not recs:
+            pytest.fail(f"CUDA graph capture did not happen as it should ({bad or 'nothing captured'}): "
+                        "a graphed row must time graph replays")
+        bodies = f"{len(recs)} captured bod{'y' if len(recs) == 1 else 'ies'}"
+        return {"graphed": True, "graph_bodies": len(recs),
+                "note": f"CUDA graphs (fastmoe_adv.graphs): {bodies}, replayed on every call"}
+
+    try:
+        yield status
+    finally:
+        graphs.clear()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
 # ----------------------------------------------------------------------------- eager references
 def eager_fgsm(model, x, y, eps):
     """Textbook FGSM in plain torch ops, eval mode (a reference twin)."""

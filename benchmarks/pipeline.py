@@ -1,6 +1,6 @@
 """Seconds per training epoch, both phases, at full size, and the projected time of the paper recipe.
 
-    python benchmarks/pipeline.py [--out DIR] [--seconds 75] [--steps 300] [--bn-backend torch]
+    python benchmarks/pipeline.py [--out DIR] [--seconds 75] [--steps 300] [--bn-backend torch] [--cuda-graphs]
     python benchmarks/pipeline.py --quick          # tiny sizes on CPU: an end-to-end check
 
 Full size (CUDA): 9 width-64 experts, batch 128 (phase 1: per expert), bf16 autocast,
@@ -11,13 +11,22 @@ channels_last, 50,000 synthetic uint8 images held on the device, augmented by ``
 arXiv 2512.20821). After ``--warmup`` steps, steps are timed one by one (a synchronize after
 each) until ``--steps`` or ``--seconds`` run out.
 
+``--cuda-graphs``: the steps with ``graph=True`` (``TrainConfig.cuda_graphs``): every attack step
+and the training forward+backward the replay of a captured CUDA graph (``fastmoe_adv.graphs``).
+A step that captures a graph (a phase-1 plan whose span of running experts was not seen yet)
+pays the capture once per training run: such steps are kept out of the fit and the mean and
+reported apart (``capture_steps``, ``capture_s``). Without CUDA the graphed steps run uncaptured
+(``--quick --cuda-graphs`` checks the plumbing). Outputs go to pipeline-graphs.json/.md instead
+of pipeline.json/.md, so one folder can hold both runs; the flag is recorded in both.
+
 Projection: a step costs about ``a + b * passes`` (passes: attack iterations of the step; phase 1:
 the largest PGD step count drawn, all experts running in one grouped pass; phase 2: the PGD steps,
 or 1 for FGSM). ``project`` fits a and b by least squares over the timed steps and evaluates the
 fit at the recipe's expected passes, so a short sample with unlucky draws does not skew the
 epoch time; the plain mean per step is reported next to it. Epoch = steps per epoch (50,000 //
 128 = 390, the trainer drops the last partial batch) x seconds per step; recipe = 30 epochs of
-phase 1 + 30 of phase 2. Written to DIR/pipeline.json and DIR/pipeline.md, table printed last.
+phase 1 + 30 of phase 2. Written to DIR/pipeline.json and DIR/pipeline.md (with ``--cuda-graphs``:
+DIR/pipeline-graphs.json and .md), table printed last.
 """
 from __future__ import annotations
 
@@ -69,13 +78,14 @@ def project(times_s, passes, expected_passes: float, steps_per_epoch: int) -> di
 
 
 # ============================================================================ the run
-def _setup(size, phase, bn_backend, executor):
+def _setup(size, phase, bn_backend, executor, cuda_graphs=False):
     from fastmoe_adv import FastSoftMoE, data
     from fastmoe_adv.train import TrainConfig
     from fastmoe_adv.train.steps import optimizer_groups
     cfg = TrainConfig(dataset="synthetic", width=size["width"], num_experts=size["experts"],
                       batch_size=size["batch"], bf16=size["bf16"], channels_last=size["channels_last"],
-                      steps_scale=size["steps_scale"], device=size["device"], executor=executor)
+                      steps_scale=size["steps_scale"], device=size["device"], executor=executor,
+                      cuda_graphs=cuda_graphs)
     dev = torch.device(size["device"])
     torch.manual_seed(0)
     with dev:
@@ -123,10 +133,10 @@ def _stepper(phase, cfg, model, opt, device):
     def step(x, y):
         if phase == 1:
             plan = draw_phase1_plan(model.roles, cfg, choice_gen)
-            phase1_step(model, net, opt, x, y, plan, generator=gen, bf16=cfg.bf16)
+            phase1_step(model, net, opt, x, y, plan, generator=gen, bf16=cfg.bf16, graph=cfg.cuda_graphs)
             return max(s if k == "pgd" else 1 if k == "fgsm" else 0 for k, s in zip(plan.kinds, plan.steps))
         attack = draw_phase2_attack(cfg, choice_gen)
-        phase2_step(model, model, opt, x, y, attack, cfg, generator=gen)
+        phase2_step(model, model, opt, x, y, attack, cfg, generator=gen, graph=cfg.cuda_graphs)
         return int(attack.steps)
     return step
 
@@ -139,29 +149,39 @@ def _expected_passes(phase, cfg, roles) -> float:
 
 
 def run_phase(size, phase, args) -> dict:
-    """Warm up, time steps one by one, project the epoch."""
+    """Warm up, time steps one by one (steps that captured a CUDA graph apart), project the epoch."""
+    from fastmoe_adv import graphs
     dev = torch.device(size["device"])
-    cfg, model, loaders, opt = _setup(size, phase, args.bn_backend, args.executor)
+    cfg, model, loaders, opt = _setup(size, phase, args.bn_backend, args.executor, args.cuda_graphs)
     step, batches = _stepper(phase, cfg, model, opt, dev), _batches(loaders)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     t_warm = time.perf_counter()
-    for _ in range(args.warmup):  # cuDNN algorithm search, Triton compiles, allocator
+    for _ in range(args.warmup):  # cuDNN algorithm search, Triton compiles, allocator, graph captures
         step(*next(batches))
     sync()
     warm_s = time.perf_counter() - t_warm
-    times, passes, t0 = [], [], time.perf_counter()
+    times, passes, capture_times, t0 = [], [], [], time.perf_counter()
     while len(times) < args.steps and (time.perf_counter() - t0 < args.seconds or len(times) < 2):
         x, y = next(batches)
+        captured_before = len(graphs.records())
         t = time.perf_counter()
-        passes.append(step(x, y))
+        p = step(x, y)
         sync()
+        if len(graphs.records()) > captured_before:   # a new graph (or a failed capture): once per run
+            capture_times.append(time.perf_counter() - t)
+            continue
+        passes.append(p)
         times.append(time.perf_counter() - t)
     out = project(times, passes, _expected_passes(phase, cfg, model.roles), len(loaders[0]))
+    statuses = [r.status for r in graphs.records()]
     out.update(phase=phase, warmup_steps=args.warmup, warmup_s=warm_s, median_step_s=statistics.median(times),
-               pgd_steps_set=list(cfg.pgd_steps_scaled), batch=cfg.batch_size, images=size["images"])
+               pgd_steps_set=list(cfg.pgd_steps_scaled), batch=cfg.batch_size, images=size["images"],
+               cuda_graphs=cfg.cuda_graphs, capture_steps=len(capture_times), capture_s=sum(capture_times),
+               graph_bodies={s: statuses.count(s) for s in sorted(set(statuses))})
     if dev.type == "cuda":
         out["max_memory_gb"] = torch.cuda.max_memory_allocated() / 2 ** 30
-    del model, opt, loaders
+    del model, opt, loaders, step
+    graphs.clear()   # this phase's graphs and their memory pools
     if dev.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -172,7 +192,8 @@ def render(results, meta) -> str:
     """The short table (also the body of pipeline.md)."""
     lines = [f"pipeline: {meta['device']}, width {meta['width']}, {meta['experts']} experts, batch {meta['batch']}, "
              f"{'bf16' if meta['bf16'] else 'fp32'}, {'channels_last' if meta['channels_last'] else 'NCHW'}, "
-             f"bn_backend={meta['bn_backend']}, executor={meta['executor']}, {meta['images']} images",
+             f"bn_backend={meta['bn_backend']}, executor={meta['executor']}, "
+             f"cuda_graphs={'on' if meta.get('cuda_graphs') else 'off'}, {meta['images']} images",
              f"{'phase':6s} {'steps':>6s} {'mean s/step':>12s} {'passes':>7s} {'exp.':>6s} {'fit s/step':>11s} "
              f"{'s/epoch':>9s} {'mean-based':>11s}"]
     for r in results:
@@ -182,6 +203,13 @@ def render(results, meta) -> str:
         total = sum(e * r["epoch_s"] for e, r in zip(RECIPE_EPOCHS, results))
         lines.append(f"paper recipe ({RECIPE_EPOCHS[0]}+{RECIPE_EPOCHS[1]} epochs, PGD steps "
                      f"{results[0]['pgd_steps_set']}): projected {total:.0f} s = {total / 3600:.2f} h")
+    for r in results:
+        if r.get("capture_steps"):
+            lines.append(f"phase {r['phase']}: {r['capture_steps']} timed steps captured new graphs "
+                         f"({r['capture_s']:.1f} s, once per run): left out of the fit")
+        failed = sum(n for status, n in r.get("graph_bodies", {}).items() if status.startswith("failed"))
+        if failed:
+            lines.append(f"phase {r['phase']}: {failed} CUDA graph captures FAILED (those bodies ran uncaptured)")
     return "\n".join(lines)
 
 
@@ -196,6 +224,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bn-backend", default="torch", choices=("torch", "triton", "auto"))
     ap.add_argument("--executor", default="auto", choices=("auto", "grouped", "loop"))
     ap.add_argument("--phases", default="1,2", help="comma-separated: 1, 2 or both")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="graph=True for the steps (TrainConfig.cuda_graphs); writes pipeline-graphs.json/.md")
     args = ap.parse_args(argv)
     size = QUICK if args.quick else FULL
     args.steps = args.steps if args.steps is not None else (2 if args.quick else 300)
@@ -208,7 +238,9 @@ def main(argv=None) -> int:
     meta = {**{k: size[k] for k in ("width", "experts", "batch", "images", "bf16", "channels_last")},
             "device": torch.cuda.get_device_name() if size["device"] == "cuda" else "CPU (quick: times mean nothing)",
             "torch": torch.__version__, "bn_backend": args.bn_backend, "executor": args.executor,
+            "cuda_graphs": args.cuda_graphs, "recipe_epochs": list(RECIPE_EPOCHS),
             "command": "python " + " ".join(["benchmarks/pipeline.py", *argv])}
+    stem = "pipeline-graphs" if args.cuda_graphs else "pipeline"
     results = []
     for phase in [int(p) for p in args.phases.split(",") if p]:
         results.append(run_phase(size, phase, args))
@@ -217,9 +249,9 @@ def main(argv=None) -> int:
         if args.out:  # after every phase: a run cut short by its time limit keeps phase 1
             out = pathlib.Path(args.out)
             out.mkdir(parents=True, exist_ok=True)
-            (out / "pipeline.json").write_text(json.dumps({"meta": meta, "phases": results}, indent=1))
-            (out / "pipeline.md").write_text(f"# Training pipeline\n\nCommand: `{meta['command']}`\n\n"
-                                             f"```\n{table}\n```\n")
+            (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "phases": results}, indent=1))
+            (out / f"{stem}.md").write_text(f"# Training pipeline{' (CUDA graphs)' if args.cuda_graphs else ''}"
+                                            f"\n\nCommand: `{meta['command']}`\n\n```\n{table}\n```\n")
     print(render(results, meta))
     return 0
 

@@ -16,13 +16,21 @@ Paths (each a row of the group ``experts <device> w<width> b<batch> <precision> 
   other rows do; in eval mode it uses the running statistics like every row;
 - ``compile``: ``torch.compile`` of ``executor="auto"``'s pick (one size per device; on CPU the
   forward only unless ``FASTMOE_BENCH_COMPILE=all``: compiling the backward takes minutes);
-- ``cudagraph`` (CUDA, forward only): auto's pick captured once in a CUDA graph, replayed.
+- ``cudagraph`` (CUDA, forward only): auto's pick captured once in a CUDA graph, replayed;
+- ``<path>+graph`` (CUDA, forward+backward, bf16 at batch 128 and 512): the ``grouped``, ``loop``
+  (and, at batch 512, ``grouped+fusedbn`` / ``loop+fusedbn``) row's whole step (forward and
+  every parameter gradient) captured once with ``fastmoe_adv.graphs`` over a static copy of the
+  input and replayed: the same kernels without the host launching them one by one, next to the
+  eager rows of the same group (the rows record ``graphed: True``). Batch 128 has only these
+  rows, their eager twins and the references: does the grouped pass still beat per-expert
+  convolutions once the launches are gone?
 
 Passes: ``fwd`` = evaluation forward (eval mode, ``torch.no_grad``); ``fwd+bwd`` = a training
 forward (train mode) and the gradient of every parameter (``torch.autograd.grad`` of the summed
 logits; no optimizer). Inputs: one shared 32x32 image batch for all experts, already normalized.
 Layouts: ``nchw`` (contiguous) and ``cl`` (channels_last weights and input).
 """
+import contextlib
 import copy
 
 import pytest
@@ -33,35 +41,55 @@ from bench_utils import (
     cuda_ok,
     device_name,
     expert_flops,
+    graph_row,
     measure_once,
     models,
     run,
     skip_on_oom,
     skip_unless_device,
+    skip_unless_graphs,
 )
 
 E, K, HW = 9, 10, 32
 
 # (device, width, batch, precision); quick mode shrinks every device to width 4, batch 4.
 CONFIGS = [("cpu", 8, 32, "fp32"), ("cpu", 16, 64, "fp32"),
+           ("cuda", 64, 128, "bf16"),
            ("cuda", 64, 256, "fp32"), ("cuda", 64, 256, "bf16"),
            ("cuda", 64, 512, "fp32"), ("cuda", 64, 512, "bf16")]
 QUICK_CONFIGS = [("cpu", 4, 4, "fp32"), ("cuda", 4, 4, "fp32"), ("cuda", 4, 4, "bf16")]
 # torch.compile costs minutes per graph on a small CPU: one size per device.
 COMPILE_CONFIGS = {("cpu", 16, 64, "fp32"), ("cuda", 64, 256, "bf16"),
                    ("cpu", 4, 4, "fp32"), ("cuda", 4, 4, "bf16")}
+# The graphed rows (forward+backward only) run at these sizes.
+GRAPH_CONFIGS = {("cuda", 64, 128, "bf16"), ("cuda", 64, 512, "bf16"), ("cuda", 4, 4, "bf16")}
+# Sizes that run only some passes and paths: (passes, paths without the "+graph" suffix).
+SLIM_CONFIGS = {("cuda", 64, 128, "bf16"): (("fwd+bwd",), {"reference", "grouped", "loop"})}
 PASSES = ("fwd", "fwd+bwd")
 ROUNDS = {"cpu": 5, "cuda": 6}
 WARMUP = {"cpu": 1, "cuda": 2}   # CUDA: cuDNN's algorithm search (cudnn.benchmark) happens on first calls
 
 
 def _paths(device):
-    """(path, layout) rows per device: CPU both layouts; CUDA channels_last (plus an NCHW reference)."""
+    """(path, layout) rows per device: CPU both layouts; CUDA channels_last (plus an NCHW reference),
+    each graphed row right after its eager twin (a run cut short keeps the pairs it finished)."""
     if device == "cpu":
         return [("reference", "nchw"), ("reference", "cl"), ("grouped", "nchw"), ("grouped", "cl"),
                 ("loop", "nchw"), ("loop", "cl"), ("vmap", "nchw"), ("compile", "nchw")]
-    return [("reference", "nchw"), ("reference", "cl"), ("grouped", "cl"), ("loop", "cl"),
-            ("grouped+fusedbn", "cl"), ("loop+fusedbn", "cl"), ("vmap", "cl"), ("cudagraph", "cl"), ("compile", "cl")]
+    return [("reference", "nchw"), ("reference", "cl"), ("grouped", "cl"), ("grouped+graph", "cl"), ("loop", "cl"),
+            ("loop+graph", "cl"), ("grouped+fusedbn", "cl"), ("grouped+fusedbn+graph", "cl"), ("loop+fusedbn", "cl"),
+            ("loop+fusedbn+graph", "cl"), ("vmap", "cl"), ("cudagraph", "cl"), ("compile", "cl")]
+
+
+def _wanted(cfg, passes, path):
+    if path == "cudagraph" and passes != "fwd":
+        return False
+    if path.endswith("+graph") and (passes != "fwd+bwd" or cfg not in GRAPH_CONFIGS):
+        return False
+    if path == "compile" and cfg not in COMPILE_CONFIGS:
+        return False
+    slim_passes, slim_paths = SLIM_CONFIGS.get(cfg, (PASSES, None))
+    return passes in slim_passes and (slim_paths is None or path.removesuffix("+graph") in slim_paths)
 
 
 def _rows():
@@ -70,9 +98,7 @@ def _rows():
         device, width, batch, prec = cfg
         for passes in PASSES:
             for path, layout in _paths(device):
-                if path == "cudagraph" and passes != "fwd":
-                    continue
-                if path == "compile" and cfg not in COMPILE_CONFIGS:
+                if not _wanted(cfg, passes, path):
                     continue
                 marks = [pytest.mark.cuda] if device == "cuda" else []
                 rows.append(pytest.param(cfg, passes, path, layout, marks=marks,
@@ -152,33 +178,40 @@ def test_experts(benchmark, cfg, passes, path, layout):
         if device == "cpu" and passes == "fwd+bwd" and COMPILE != "all":
             pytest.skip("torch.compile of forward+backward on CPU: about 400 s of compile on 2 cores (measured), "
                         "over the 10-minute budget of the CPU run; FASTMOE_BENCH_COMPILE=all runs it")
+    base = path.removesuffix("+graph")   # a graphed row runs its eager twin's step as one CUDA graph
+    if base != path:
+        skip_unless_graphs(device)
+    if base.endswith("+fusedbn"):
+        _skip_unless_triton(device)
     train_mode = passes == "fwd+bwd"
     ref, fast = models(device, width, layout, E, K)
     ref.train(train_mode), fast.train(train_mode)
     # The rows time the engines: the inputs are torch.rand, so the per-call pixel check (a device sync) is off.
     ref.check_inputs = fast.check_inputs = False
     fast.bn_backend = "torch"   # the models are cached across rows: only the fusedbn rows switch it on
-    if path.endswith("+fusedbn"):
-        _skip_unless_triton(device)
     x = _input(device, batch, layout)
     info = {"width": width, "batch": batch, "experts": E, "precision": prec, "layout": layout, "pass": passes,
-            "bn": "train" if train_mode else "eval"}
+            "bn": "train" if train_mode else "eval", "graphed": base != path}
 
-    with skip_on_oom(device):
-        if path in ("grouped", "loop", "grouped+fusedbn", "loop+fusedbn", "compile", "cudagraph"):
+    with skip_on_oom(device), (graph_row(device) if base != path else contextlib.nullcontext()) as graph_status:
+        if base in ("grouped", "loop", "grouped+fusedbn", "loop+fusedbn", "compile", "cudagraph"):
             info["auto_pick"], info["auto_reason"] = _auto_pick(fast, x, passes, prec, device)
         if path == "compile":
             forward, params, extra = _compiled(fast, x, info["auto_pick"], passes, prec, device)
         elif path == "cudagraph":
             forward, params, extra = _cuda_graph(fast, x, info["auto_pick"], prec)
         else:
-            forward, params, extra = _runner(path, ref, fast, x, train_mode, device)
+            forward, params, extra = _runner(base, ref, fast, x, train_mode, device)
+        step = _step(forward, params, passes, device, prec)
+        if base != path:
+            step, graph_info = _graphed_step(fast, x, params, prec, graph_status)
+            extra = {**extra, **graph_info}
         info.update(extra)
-        # the fused rows' executor names keep them out of the report's grouped-vs-loop pairs
+        # the fused and graphed rows' executor names keep them out of the report's grouped-vs-loop pairs
         executor = {"reference": "modulelist", "vmap": "vmap", "grouped": "grouped", "loop": "loop",
                     "grouped+fusedbn": "grouped+fusedbn", "loop+fusedbn": "loop+fusedbn"}.get(
-            path, f"{path}({info.get('auto_pick')})")
-        run(benchmark, _step(forward, params, passes, device, prec), device=device,
+            base, f"{path}({info.get('auto_pick')})") + ("+graph" if base != path else "")
+        run(benchmark, step, device=device,
             group=f"experts {device} w{width} b{batch} {prec} {passes}", path=f"{path}-{layout}", images=batch,
             flops=expert_flops(width, HW, HW, batch, E, passes), reference=path == "reference",
             rounds_full=ROUNDS[device], warmup=WARMUP[device], executor=executor, **info)
@@ -206,6 +239,30 @@ def _step(forward, params, passes, device, prec):
             out = forward()
         return torch.autograd.grad(out.float().sum(), params)
     return fwd_bwd
+
+
+def _graphed_step(fast, x, params, prec, graph_status):
+    """The forward+backward step (what ``_step`` times eagerly) as the replay of one CUDA graph
+    (``fastmoe_adv.graphs``) over a static copy of x; each call copies x in, then replays. The
+    first call, timed here as ``capture_s``, runs the warm-up and the capture."""
+    from fastmoe_adv import graphs
+    params = [p for p in params if p.requires_grad]
+    device = x.device.type
+    with _autocast(device, prec):   # the key records the autocast state the graph is captured under
+        key = graphs.signature((fast,), (x,), ("bench experts fwd+bwd",))
+    gs = graphs.graph_set(fast, key, lambda: dict(x=torch.empty_like(x)))
+
+    def body():
+        out = fast.experts_forward(gs.buf.x)
+        return torch.autograd.grad(out.float().sum(), params)
+
+    def step():
+        with _autocast(device, prec):
+            gs.load(x=x)
+            return gs.run("fwd+bwd", body)
+
+    capture_s = measure_once(step, device)
+    return step, {**graph_status(), "capture_s": capture_s}
 
 
 def _compiled(fast, x, pick, passes, prec, device):

@@ -5,23 +5,40 @@ attack every expert against itself by its role (clean / FGSM eps 0.03 / PGD), on
 backward on the adversarial streams (loss: sum over experts of each one's mean CE), one SGD step.
 - ``fastmoe``: ``fastmoe_adv.train.phase1_step`` (``attacks.attack_experts``: all experts in one
   grouped pass per attack step) on ``FastSoftMoE(executor="auto")``;
+- ``fastmoe+graph`` (CUDA): the same step with ``graph=True`` (``TrainConfig.cuda_graphs``): each
+  attack step and the training forward+backward the replay of a captured CUDA graph, the SGD
+  step eager (the rows record ``graphed: True``; without CUDA they skip: the graphed code would
+  run uncaptured);
 - ``reference``: the nine ``ResNet18`` of the ``ReferenceSoftMoE`` twin, one after another, each
   attacked with the eager FGSM/PGD of ``bench_utils`` and trained on its own stream; one SGD step.
 Images per step: B*E (every expert's stream).
 
 Phase 2 (joint training), one step = PGD against the whole mixture, then CE on the mixture's
 output and one SGD step over experts and gate.
-- ``fastmoe``: ``fastmoe_adv.train.phase2_step``;
+- ``fastmoe``: ``fastmoe_adv.train.phase2_step``; ``fastmoe+graph`` (CUDA): with ``graph=True``;
 - ``reference``: eager PGD on ``ReferenceSoftMoE`` + SGD.
 Images per step: B.
 
 PGD step counts are tiny on CPU (2; 1 in quick mode), 10 on CUDA.
 """
+import contextlib
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from bench_utils import QUICK, eager_fgsm, eager_pgd, expert_flops, models, run, skip_on_oom, skip_unless_device
+from bench_utils import (
+    QUICK,
+    eager_fgsm,
+    eager_pgd,
+    expert_flops,
+    graph_row,
+    models,
+    run,
+    skip_on_oom,
+    skip_unless_device,
+    skip_unless_graphs,
+)
 
 from fastmoe_adv import attacks
 from fastmoe_adv.train import Phase2Attack, TrainConfig, phase1_step, phase2_step
@@ -39,7 +56,7 @@ def _rows():
     out = []
     for cfg in CONFIGS:
         for phase in ("phase1", "phase2"):
-            for path in ("reference", "fastmoe"):
+            for path in ("fastmoe", "fastmoe+graph", "reference"):
                 marks = [pytest.mark.cuda] if cfg[0] == "cuda" else []
                 out.append(pytest.param(cfg, phase, path, marks=marks,
                                         id=f"{cfg[0]}-w{cfg[1]}-b{cfg[2]}-{cfg[3]}-{phase}-{path}"))
@@ -85,12 +102,12 @@ def _phase1_reference(ref, prec, device, steps):
     return step
 
 
-def _phase1_fastmoe(fast, prec, device, steps, generator):
+def _phase1_fastmoe(fast, prec, device, steps, generator, graph):
     net = ExpertsNet(fast)
     opt = _sgd(fast.experts.parameters())
     plan = attacks.make_plan(fast.roles, fgsm_eps=FGSM_EPS, pgd_steps=steps, pgd_eps=PGD_EPS, pgd_alpha=PGD_ALPHA)
-    return (lambda x, y: phase1_step(fast, net, opt, x, y, plan, generator=generator, bf16=prec == "bf16")), \
-        "train.phase1_step"
+    return (lambda x, y: phase1_step(fast, net, opt, x, y, plan, generator=generator, bf16=prec == "bf16",
+                                     graph=graph)), f"train.phase1_step(graph={graph})"
 
 
 # ----------------------------------------------------------------------------- phase 2
@@ -109,12 +126,13 @@ def _phase2_reference(ref, prec, device, steps):
     return step
 
 
-def _phase2_fastmoe(fast, prec, device, steps, generator, layout_cl):
+def _phase2_fastmoe(fast, prec, device, steps, generator, layout_cl, graph):
     opt = _sgd(fast.parameters())
     cfg = TrainConfig(width=fast.width, bf16=prec == "bf16", channels_last=layout_cl, pgd_eps=PGD_EPS,
-                      pgd_alpha=PGD_ALPHA)
+                      pgd_alpha=PGD_ALPHA, cuda_graphs=graph)
     attack = Phase2Attack("pgd", PGD_EPS, PGD_ALPHA, steps)
-    return (lambda x, y: phase2_step(fast, fast, opt, x, y, attack, cfg, generator=generator)), "train.phase2_step"
+    return (lambda x, y: phase2_step(fast, fast, opt, x, y, attack, cfg, generator=generator, graph=graph)), \
+        f"train.phase2_step(graph={graph})"
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -122,13 +140,16 @@ def _phase2_fastmoe(fast, prec, device, steps, generator, layout_cl):
 def test_train_step(benchmark, cfg, phase, path):
     device, width, batch, prec, steps = cfg
     skip_unless_device(device)
+    graph = path == "fastmoe+graph"
+    if graph:
+        skip_unless_graphs(device)
     cl = device == "cuda"   # GPU rows channels_last (as train.py's channels_last option)
     ref, fast = models(device, width, "cl" if cl else "nchw", E, K)
-    fast.executor = "auto"
+    fast.executor, fast.bn_backend = "auto", "torch"
     ref.train(), fast.train()
     gen = torch.Generator(device=device).manual_seed(0)
     info = {"width": width, "batch": batch, "experts": E, "precision": prec, "pgd_steps": steps,
-            "layout": "cl" if cl else "nchw", "phase": phase}
+            "layout": "cl" if cl else "nchw", "phase": phase, "graphed": graph}
     if phase == "phase1":
         x = torch.rand(batch, E, 3, HW, HW, device=device)
         y = torch.randint(0, K, (batch, E), device=device)
@@ -141,7 +162,7 @@ def test_train_step(benchmark, cfg, phase, path):
         if path == "reference":
             step, how = _phase1_reference(ref, prec, device, steps), "per-expert eager loop"
         else:
-            step, how = _phase1_fastmoe(fast, prec, device, steps, gen)
+            step, how = _phase1_fastmoe(fast, prec, device, steps, gen, graph)
     else:
         x = torch.rand(batch, 3, HW, HW, device=device)
         y = torch.randint(0, K, (batch,), device=device)
@@ -153,12 +174,15 @@ def test_train_step(benchmark, cfg, phase, path):
         if path == "reference":
             step, how = _phase2_reference(ref, prec, device, steps), "eager PGD + SGD on ReferenceSoftMoE"
         else:
-            step, how = _phase2_fastmoe(fast, prec, device, steps, gen, cl)
+            step, how = _phase2_fastmoe(fast, prec, device, steps, gen, cl, graph)
     info["implementation"] = how
-    info["executor"] = "modulelist" if path == "reference" else "auto"
-    with skip_on_oom(device):
-        step(x, y)  # warm-up, untimed (cuDNN algorithm search, executor="auto" probes)
-        if path == "fastmoe":
+    info["model"] = type(ref if path == "reference" else fast).__name__
+    info["executor"] = "modulelist" if path == "reference" else "auto+graph" if graph else "auto"
+    with skip_on_oom(device), (graph_row(device) if graph else contextlib.nullcontext()) as graph_status:
+        step(x, y)  # warm-up, untimed (cuDNN algorithm search, executor="auto" probes, graph captures)
+        if graph:
+            info.update(graph_status())
+        if path != "reference":
             from fastmoe_adv import autotune
             info["auto_decisions"] = [f"{d.executor} [{d.source}]" for d in autotune.decisions()[-4:]]
         run(benchmark, lambda: step(x, y), device=device,
