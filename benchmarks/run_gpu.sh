@@ -87,6 +87,15 @@ if ! (cd "$RUN_DIR" && "$PY" -c "import fastmoe_adv.kernels" >>"$LOG" 2>&1); the
     RUN_DIR="$SHIM"
     log "editable install unusable: using the PYTHONPATH shim $SHIM"
 fi
+# torchattacks (the peer of the attack rows) cannot come from the network there: a wheel put in
+# benchmarks/wheels/ beforehand (`pip download --no-deps torchattacks==3.5.1 -d benchmarks/wheels`,
+# an ignored folder: carry it) is installed without its dependencies.
+if compgen -G "$REPO/benchmarks/wheels/*.whl" >/dev/null; then
+    "$PY" -m pip install --no-deps --no-index -q "$REPO"/benchmarks/wheels/*.whl >>"$LOG" 2>&1 \
+        && log "installed $(cd "$REPO/benchmarks/wheels" && ls *.whl | tr '\n' ' ')" || log "wheel install failed (see above)"
+else
+    log "no benchmarks/wheels/*.whl: the torchattacks rows will skip"
+fi
 cd "$RUN_DIR"
 "$PY" - <<'EOF' 2>&1 | tee -a "$LOG"
 import torch, fastmoe_adv, fastmoe_adv.kernels
