@@ -10,7 +10,7 @@ from __future__ import annotations
 __all__ = ["RECIPES", "FAST_ESTIMATE_S", "recipe"]
 
 # ---------------------------------------------------------------------------- the "fast" arithmetic
-# Measured on one H100 (torch 2.11, bf16 autocast, channels_last, batch 128; /work/shared/PROFILE-H100.md):
+# Measured on one H100 before this round (torch 2.11, bf16 autocast, channels_last, batch 128):
 # a phase-1 step with PGD-10 takes ~223 ms and a phase-2 step with PGD-10 ~295 ms. The grouped phase-1
 # attack costs ~14.7 ms per PGD iteration (4 PGD experts in one pass), so a phase-1 step is about
 # 76 ms + 14.7 ms * k, with k the LARGEST step count drawn for the 4 PGD experts (the grouped loop runs
