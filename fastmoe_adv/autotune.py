@@ -37,11 +37,13 @@ import torch
 
 from . import graphs
 
-__all__ = ["pick_executor", "decide", "probe", "explain", "decisions", "clear", "Decision", "TableRow", "ProbeSettings",
-           "CPU_TABLE", "PROBE_SETTINGS", "ENV_VAR", "CHOICES", "work_per_expert"]
+__all__ = ["pick_executor", "decide", "pick_bn_backend", "decide_bn_backend", "probe", "BN_CHOICES", "explain",
+           "decisions", "clear", "Decision", "TableRow", "ProbeSettings", "CPU_TABLE", "PROBE_SETTINGS", "ENV_VAR",
+           "CHOICES", "work_per_expert"]
 
 ENV_VAR = "FASTMOE_EXECUTOR"
 CHOICES = ("grouped", "loop")
+BN_CHOICES = ("torch", "triton")   # bn_backend="auto": the unfused ops or the fused Triton op
 _ENV_VALUES = CHOICES + ("probe",)
 
 
@@ -113,15 +115,18 @@ PROBE_SETTINGS = ProbeSettings()
 
 @dataclass(frozen=True)
 class Decision:
-    executor: str            # "grouped" | "loop"
-    source: str              # "env" | "table" | "probe" | "fallback"
-    key: tuple               # see _key()
+    executor: str            # the choice: "grouped" | "loop" (kind "executor"), "torch" | "triton" (kind "bn_backend")
+    source: str              # "env" | "table" | "probe" | "fallback" | "unavailable"
+    key: tuple               # see _key() (kind "bn_backend": plus the executor it was measured with)
     reason: str
-    timings: dict = field(default_factory=dict)   # probe: executor -> median seconds per pass
+    timings: dict = field(default_factory=dict)   # probe: choice -> median seconds per pass
+    kind: str = "executor"   # what was chosen: "executor" or "bn_backend"
 
     def describe(self) -> str:
-        shape = ", ".join(f"{k}={v}" for k, v in zip(_KEY_FIELDS, self.key))
-        return f"{self.executor} [{self.source}] for ({shape}): {self.reason}"
+        fields = _KEY_FIELDS + ("for_executor",) if self.kind == "bn_backend" else _KEY_FIELDS
+        shape = ", ".join(f"{k}={v}" for k, v in zip(fields, self.key))
+        what = "" if self.kind == "executor" else "bn_backend "
+        return f"{what}{self.executor} [{self.source}] for ({shape}): {self.reason}"
 
 
 _KEY_FIELDS = ("device", "experts", "active", "shared_input", "width", "batch", "H", "W", "dtype", "x_layout",
@@ -182,24 +187,62 @@ def _from_table(key, table) -> Decision:
     raise AssertionError("CPU_TABLE must end with a row that matches everything")
 
 
-def _probe_and_cache(engine, x, key) -> Decision:
+def _probe_and_cache(engine, x, key, candidates=None, kind="executor") -> Decision:
     with _LOCK:
         if key in _PROBED:  # another thread probed it meanwhile
             return _PROBED[key]
-        timings = probe(engine, x, PROBE_SETTINGS.runs, PROBE_SETTINGS.warmup, PROBE_SETTINGS.timer)
-        best = min(CHOICES, key=lambda e: timings[e])
-        other = CHOICES[1 - CHOICES.index(best)]
+        timings = probe(engine, x, PROBE_SETTINGS.runs, PROBE_SETTINGS.warmup, PROBE_SETTINGS.timer, candidates)
+        labels = list(timings)
+        best = min(labels, key=lambda e: timings[e])
+        other = labels[1 - labels.index(best)]
         ratio = timings[other] / timings[best] if timings[best] > 0 else math.inf
         reason = (f"probe: median of {PROBE_SETTINGS.runs} passes, {best} {_fmt_s(timings[best])} vs "
                   f"{other} {_fmt_s(timings[other])} ({ratio:.2f}x)")
-        decision = Decision(best, "probe", key, reason, dict(timings))
+        decision = Decision(best, "probe", key, reason, dict(timings), kind)
         _PROBED[key] = decision
         return decision
 
 
+def pick_bn_backend(engine, x, executor: str) -> str:
+    """``"torch"`` or ``"triton"`` for ``bn_backend="auto"``, running ``executor`` on ``x``."""
+    return decide_bn_backend(engine, x, executor).executor
+
+
+def decide_bn_backend(engine, x, executor: str) -> Decision:
+    """The ``Decision`` behind ``pick_bn_backend``. CPU: ``"torch"`` (the fused kernel runs on
+    CPU tensors only under the Triton interpreter, a test tool), unless ``FASTMOE_EXECUTOR=probe``.
+    CUDA: the first use of a shape times the executor's pass with both (``probe``) and keeps the
+    faster, like the executor probe (graph replays when the caller is being captured)."""
+    from .kernels.dispatch import triton_available
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    compiling = _is_compiling()
+    key = _key(engine, x) + (executor,)
+    if not triton_available() or (x.device.type == "cpu" and env != "probe"):
+        why = "Triton is not installed" if not triton_available() else \
+            "CPU: the fused kernel runs on CPU tensors only under the Triton interpreter (a test tool)"
+        decision = Decision("torch", "unavailable" if not triton_available() else "table", key, why, kind="bn_backend")
+    else:
+        decision = _PROBED.get(key)
+        if decision is None:
+            if compiling or _capturing(x):
+                decision = Decision("torch", "fallback", key, "not measured: first use inside tracing or capture",
+                                    kind="bn_backend")
+                warnings.warn("fastmoe_adv: bn_backend='auto' met a new shape inside torch.compile tracing or CUDA "
+                              "graph capture, where it cannot time the backends; using 'torch' unmeasured.",
+                              RuntimeWarning, stacklevel=4)
+            else:
+                candidates = {b: (executor, b) for b in BN_CHOICES}
+                decision = _probe_and_cache(engine, x, key, candidates, kind="bn_backend")
+    if not compiling:
+        _LAST.pop(key, None)
+        _LAST[key] = decision
+    return decision
+
+
 # ----------------------------------------------------------------------------- the probe
-def probe(engine, x, runs: int = 5, warmup: int = 2, timer: Callable | None = None) -> dict:
-    """Median seconds of one pass of each executor (``{"grouped": s, "loop": s}``) on ``x``.
+def probe(engine, x, runs: int = 5, warmup: int = 2, timer: Callable | None = None, candidates=None) -> dict:
+    """Median seconds of one pass of each executor (``{"grouped": s, "loop": s}``) on ``x``;
+    with ``candidates`` (label -> (executor, bn_backend)), of each candidate instead.
 
     The pass is what the caller is doing: with grad mode on and ``x`` requiring grad, forward +
     input gradient (an attack step); with grad mode on and trainable parameters, forward +
@@ -215,20 +258,22 @@ def probe(engine, x, runs: int = 5, warmup: int = 2, timer: Callable | None = No
     kind = _pass_kind(engine, x)
     params = [p for p in engine.parameters() if p.requires_grad]
     inp = x.detach().requires_grad_(kind == "bwd-input")
+    candidates = candidates or {e: (e, None) for e in CHOICES}
+    labels = list(candidates)
 
-    def one_pass(executor):
-        out = engine(inp, experts=experts, executor=executor)
+    def one_pass(label):
+        out = engine._forward(inp, experts, *candidates[label])
         if kind == "bwd-input":
             torch.autograd.grad(out.float().sum(), [inp])
         elif kind == "bwd-params":
             torch.autograd.grad(out.float().sum(), params)
 
     saved = {name: b.detach().clone() for name, b in engine.named_buffers()}
-    samples = {e: [] for e in CHOICES}
+    samples = {e: [] for e in labels}
     failed = {}
-    passes = {e: (lambda e=e: one_pass(e)) for e in CHOICES}
+    passes = {e: (lambda e=e: one_pass(e)) for e in labels}
     try:
-        for e in CHOICES:
+        for e in labels:
             try:
                 for _ in range(warmup):
                     one_pass(e)
@@ -238,7 +283,7 @@ def probe(engine, x, runs: int = 5, warmup: int = 2, timer: Callable | None = No
         if graphs.graphing() and x.device.type == "cuda":
             passes = _as_graph_replays(passes, failed)
         for _ in range(runs):
-            for e in CHOICES:
+            for e in labels:
                 if e in failed:
                     continue
                 try:
@@ -250,9 +295,9 @@ def probe(engine, x, runs: int = 5, warmup: int = 2, timer: Callable | None = No
         with torch.no_grad():
             for name, b in engine.named_buffers():
                 b.copy_(saved[name])
-    if len(failed) == len(CHOICES):
-        raise failed[CHOICES[0]]
-    return {e: (math.inf if e in failed or not samples[e] else statistics.median(samples[e])) for e in CHOICES}
+    if len(failed) == len(labels):
+        raise failed[labels[0]]
+    return {e: (math.inf if e in failed or not samples[e] else statistics.median(samples[e])) for e in labels}
 
 
 def _as_graph_replays(passes: dict, failed: dict) -> dict:

@@ -14,7 +14,8 @@ asks it.
 
 Every BatchNorm runs together with what follows it in a basic block (``relu(bn(x) [+ residual])``),
 through ``bn_backend``: ``"torch"`` (F.batch_norm, add, relu: the twin, the default) or the fused
-Triton op ``fastmoe_adv.kernels.batch_norm_act`` (``"triton"``; ``"auto"``: Triton where it runs).
+Triton op ``fastmoe_adv.kernels.batch_norm_act`` (``"triton"``); ``"auto"`` times both on CUDA on
+first use of a shape and keeps the faster (``torch`` on CPU), like ``executor="auto"``.
 """
 from __future__ import annotations
 
@@ -212,10 +213,11 @@ class GroupedResNet18(nn.Module):
 
     ``bn_backend`` (an attribute, like ``executor``; not part of the architecture): how each
     BatchNorm and the add/ReLU after it run, ``"torch"`` (F.batch_norm, add, relu), ``"triton"``
-    (the fused ``batch_norm_act``: one op for BN + residual add + ReLU) or ``"auto"`` (Triton on
-    CUDA). The default stays ``"torch"`` until a GPU measurement shows the fused op faster in the
-    whole network (its kernel-level gain is a prediction from pass counts, not yet measured);
-    both compute the same function and update the same running statistics.
+    (the fused ``batch_norm_act``: one op for BN + residual add + ReLU) or ``"auto"`` (on CUDA
+    the faster of the two, measured per shape and executor on first use; ``"torch"`` on CPU). The
+    default stays ``"torch"`` until a GPU run has checked the fused op there (its kernel-level
+    gain is a prediction from pass counts, not yet measured); both compute the same function and
+    update the same running statistics.
     """
 
     def __init__(self, num_experts: int = 9, num_classes: int = 10, width: int = 64, executor: str = "auto",
@@ -239,12 +241,11 @@ class GroupedResNet18(nn.Module):
         self.fc = GroupedLinear(E, widths[-1], num_classes)
 
     # ------------------------------------------------------------------ forward
-    def _run(self, x, lo, hi, shared_input, params=None):
+    def _run(self, x, lo, hi, shared_input, params=None, bn_backend="torch"):
         """Experts ``[lo, hi)`` as one grouped network; ``params`` (a dict module -> per-expert
         views, for one expert) replaces the slicing of each parameter."""
         def p(m):
             return None if params is None else params[m]
-        bn_backend = _check_bn_backend(self.bn_backend)  # an attribute: may have been set after construction
         out = self.bn1(self.conv1(x, lo, hi, shared_input, params=p(self.conv1)), lo, hi, params=p(self.bn1),
                        relu=True, backend=bn_backend)
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
@@ -254,7 +255,7 @@ class GroupedResNet18(nn.Module):
         # Explicit C (not -1): an empty batch has nothing to infer it from.
         return self.fc(pooled.view(pooled.shape[0], hi - lo, self.fc.in_features), lo, hi, params=p(self.fc))
 
-    def _run_loop(self, x, lo, hi, shared_input):
+    def _run_loop(self, x, lo, hi, shared_input, bn_backend="torch"):
         """The experts one after another. Every parameter is split once into per-expert views, so
         autograd assembles each parameter's gradient with one cat; the train-mode batch count is
         bumped once per BatchNorm for the whole range."""
@@ -265,7 +266,7 @@ class GroupedResNet18(nn.Module):
             if isinstance(m, GroupedBatchNorm2d):
                 m.count_batch(lo, hi)
         xs = [x] * (hi - lo) if shared_input else x.unbind(1)
-        outs = [self._run(xe, e, e + 1, True, d) for e, xe, d in zip(range(lo, hi), xs, per_expert)]
+        outs = [self._run(xe, e, e + 1, True, d, bn_backend) for e, xe, d in zip(range(lo, hi), xs, per_expert)]
         return torch.cat(outs, dim=1)
 
     def check_input(self, x, n_active=None):
@@ -296,17 +297,33 @@ class GroupedResNet18(nn.Module):
             executor = pick_executor(self, x)
         return executor
 
+    def resolve_bn_backend(self, x, executor: str) -> str:
+        """``bn_backend``, with ``"auto"`` resolved for this input and executor: the measured
+        faster of ``"torch"`` and ``"triton"`` on CUDA, ``"torch"`` on CPU (``fastmoe_adv.autotune``)."""
+        bn_backend = _check_bn_backend(self.bn_backend)  # an attribute: may have been set after construction
+        if bn_backend != "auto":
+            return bn_backend
+        if x.shape[0] == 0:
+            return "torch"
+        from .autotune import pick_bn_backend
+        return pick_bn_backend(self, x, executor)
+
     def forward(self, x, experts=None, executor=None):
+        return self._forward(x, experts, executor)
+
+    def _forward(self, x, experts=None, executor=None, bn_backend=None):
+        """``forward`` with an optional explicit ``bn_backend`` (the autotune probe's candidates)."""
         lo, hi = _parse_experts(experts, self.num_experts)
         shared = self.check_input(x, hi - lo)
         check_train_batch(x.shape[0], self.training, type(self).__name__)
         executor = self.resolve_executor(x, executor)
+        bn_backend = bn_backend or self.resolve_bn_backend(x, executor)
         if executor == "grouped" or hi - lo == 1:
             if not shared:
                 b = x.shape[0]
                 x = x.reshape(b, (hi - lo) * 3, *x.shape[3:])
-            return self._run(x, lo, hi, shared)
-        return self._run_loop(x, lo, hi, shared)
+            return self._run(x, lo, hi, shared, bn_backend=bn_backend)
+        return self._run_loop(x, lo, hi, shared, bn_backend)
 
     # --------------------------------------------------------- pack / unpack
     def _layers(self):

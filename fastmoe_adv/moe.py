@@ -128,7 +128,7 @@ class FastSoftMoE(_SoftMoEBase):
         backend: mixing kernel, ``"triton"``, ``"torch"`` or ``"auto"`` (Triton on CUDA).
         executor: ``"grouped"``, ``"loop"`` or ``"auto"`` (the one measured faster on the device).
         bn_backend: the experts' BatchNorm (+ residual add + ReLU), ``"torch"`` (default),
-            ``"triton"`` (the fused ``batch_norm_act``) or ``"auto"`` (Triton on CUDA); see
+            ``"triton"`` (the fused ``batch_norm_act``) or ``"auto"`` (measured per shape on CUDA); see
             ``GroupedResNet18``. A runtime choice like ``executor``: an attribute, not in ``config()``,
             so checkpoints do not record it.
         temperature: gate softmax temperature.

@@ -258,3 +258,48 @@ def test_cuda_auto_probes_once_and_picks_the_faster():
     # The cached decision is reused: a forward does not probe again.
     autotune.PROBE_SETTINGS.timer = lambda run, executor: pytest.fail("probed twice")
     assert engine(x).shape == (8, 9, 10)
+
+
+# ----------------------------------------------------------------------------- bn_backend="auto"
+def test_bn_auto_on_cpu_is_torch_and_recorded():
+    engine = _engine()
+    engine.bn_backend = "auto"
+    x = torch.rand(2, 3, 8, 8)
+    out = engine(x)
+    engine.bn_backend = "torch"
+    assert torch.equal(out, engine(x))
+    bn = [d for d in autotune.decisions() if d.kind == "bn_backend"]
+    assert [d.executor for d in bn] == ["torch"] and bn[0].source == "table"
+    assert bn[0].describe().startswith("bn_backend torch [table]") and "for_executor=" in bn[0].describe()
+
+
+@pytest.mark.parametrize("faster", ["torch", "triton"])
+def test_bn_auto_probes_both_backends_with_the_picked_executor(monkeypatch, faster):
+    """FASTMOE_EXECUTOR=probe measures on CPU as on CUDA (the fused op runs under the Triton
+    interpreter here): the faster backend is used, once probed per shape and executor."""
+    monkeypatch.setenv(autotune.ENV_VAR, "probe")
+    calls = []
+    slow = "triton" if faster == "torch" else "torch"
+    autotune.PROBE_SETTINGS.runs, autotune.PROBE_SETTINGS.warmup = 2, 0
+    autotune.PROBE_SETTINGS.timer = _fake_timer({faster: 1.0, slow: 3.0, "grouped": 1.0, "loop": 2.0}, calls)
+    engine = _engine()
+    engine.bn_backend = "auto"
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        out = engine(x)
+        assert sorted(calls) == sorted(["grouped", "loop"] * 2 + ["torch", "triton"] * 2)
+        engine(x)
+        assert len(calls) == 8                             # cached: no second probe
+        bn = [d for d in autotune.decisions() if d.kind == "bn_backend"][-1]
+        assert bn.executor == faster and bn.source == "probe" and bn.key[-1] == "grouped"
+        want = engine._forward(x, None, "grouped", faster)
+    assert torch.allclose(out, want, rtol=1e-5, atol=1e-6)
+
+
+def test_probe_with_candidates_times_each_label():
+    engine = _engine()
+    seen = []
+    timings = autotune.probe(engine, torch.rand(2, 3, 8, 8), runs=1, warmup=0,
+                             timer=lambda run, label: seen.append(label) or {"a": 2.0, "b": 1.0}[label],
+                             candidates={"a": ("grouped", "torch"), "b": ("loop", "torch")})
+    assert timings == {"a": 2.0, "b": 1.0} and seen == ["a", "b"]
