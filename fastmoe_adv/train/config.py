@@ -69,7 +69,8 @@ class TrainConfig:
     gate_hidden: int = _f(16, "gate CNN width")
     backend: str = _f("auto", "mixing kernels: auto | triton | torch", "free")
     executor: str = _f("auto", "experts: auto | grouped | loop (resuming under another is not bit-exact)", "free")
-    bn_backend: str = _f("torch", "experts' BatchNorm + add + ReLU: torch | triton (the fused kernel, CUDA) | auto",
+    bn_backend: str = _f("torch", "experts' BatchNorm + add + ReLU: torch | triton (the fused kernel, CUDA) | auto "
+                                  "(the faster, measured on CUDA)",
                          "free")
     # -- optimisation
     batch_size: int = _f(128, "images per step, global over ranks (phase 1: per expert)")
