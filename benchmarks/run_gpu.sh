@@ -87,9 +87,10 @@ if ! (cd "$RUN_DIR" && "$PY" -c "import fastmoe_adv.kernels" >>"$LOG" 2>&1); the
     RUN_DIR="$SHIM"
     log "editable install unusable: using the PYTHONPATH shim $SHIM"
 fi
-# torchattacks (the peer of the attack rows) cannot come from the network there: a wheel put in
-# benchmarks/wheels/ beforehand (`pip download --no-deps torchattacks==3.5.1 -d benchmarks/wheels`,
-# an ignored folder: carry it) is installed without its dependencies.
+# torchattacks (the peer of the attack rows) and pytest-xdist cannot come from the network there:
+# wheels put in benchmarks/wheels/ beforehand (`pip download --no-deps torchattacks==3.5.1
+# pytest-xdist execnet -d benchmarks/wheels`, an ignored folder: carry it) are installed without
+# their dependencies.
 if compgen -G "$REPO/benchmarks/wheels/*.whl" >/dev/null; then
     "$PY" -m pip install --no-deps --no-index -q "$REPO"/benchmarks/wheels/*.whl >>"$LOG" 2>&1 \
         && log "installed $(cd "$REPO/benchmarks/wheels" && ls *.whl | tr '\n' ' ')" || log "wheel install failed (see above)"
@@ -111,8 +112,13 @@ EOF
 # ---------------------------------------------------------------------------- 2. CUDA tests
 # TRITON_INTERPRET=0: tests/conftest.py sets the interpreter by default; here the kernels are
 # tested compiled. At least 70 s (the reserve leaves it that), at most 75.
+# With pytest-xdist (a wheel in benchmarks/wheels/), four workers share the GPU: most of this
+# stage is Triton compilation and Python, which the 16 CPU cores run in parallel.
+XDIST=()
+if "$PY" -c "import xdist" >/dev/null 2>&1; then XDIST=(-n 4 --dist loadfile); fi
+log "cuda tests: ${XDIST[*]:-one process (no pytest-xdist)}"
 run_stage "cuda tests" 75 415 env TRITON_INTERPRET=0 "$PY" -m pytest -m cuda "$REPO/tests" -q -p no:cacheprovider \
-    -o addopts="" --rootdir="$REPO" -rs --junitxml="$OUT/cuda_tests.xml"
+    -o addopts="" --rootdir="$REPO" -rs --junitxml="$OUT/cuda_tests.xml" "${XDIST[@]}"
 grep -E "^(FAILED|ERROR)|[0-9]+ (passed|failed|skipped|errors?)( |,|$)|no tests ran" "$LOG" | tail -20 >"$OUT/cuda_tests.txt" || true
 
 unset TRITON_INTERPRET FASTMOE_BENCH_QUICK FASTMOE_EXECUTOR
