@@ -9,6 +9,9 @@ Workloads (width-64 experts, 9 of them, bf16 autocast, channels_last, train mode
 - ``pgd10 b512``: ``attacks.pgd`` (10 steps) against the whole mixture, eval mode;
 - ``phase1 b128 pgd10`` / ``phase2 b128 pgd10``: one ``train.phase1_step`` / ``phase2_step``
   (phase 1: FGSM experts eps 0.03, PGD experts 10 steps; phase 2: PGD-10 on the mixture).
+On CUDA, ``+graph`` rows run the same work as CUDA graph replays (``fastmoe_adv.graphs``: the
+experts' forward+backward captured once; ``graph=True`` for the attacks and steps), so the
+profile shows what removing the launch gaps leaves.
 For each: wall time per iteration (CUDA events, median), then one profiled run: GPU kernel time
 per iteration by category (``categorize``), the union of kernel intervals (busy time; kernels on
 several streams overlap, so the plain sum can exceed the wall time), the idle fraction
@@ -273,26 +276,33 @@ def _images(device, *shape):
 
 
 def _experts_step(ref, fast, path, x, device):
-    """Forward + gradient of every expert parameter, train mode."""
+    """Forward + gradient of every expert parameter, train mode; ``+graph``: captured once as a
+    CUDA graph (``fastmoe_adv.graphs``) and replayed."""
     import torch
+    parts = path.split("+")
     if path == "modulelist":
-        model, forward = ref, (lambda: ref.experts_forward(x))
+        model, forward = ref, (lambda z: ref.experts_forward(z))
         params = list(ref.experts.parameters())
     else:
-        executor, _, fused = path.partition("+")
-        fast.executor, fast.bn_backend = executor, "triton" if fused else "torch"
-        model, forward = fast, (lambda: fast.experts_forward(x))
+        fast.executor, fast.bn_backend = parts[0], "triton" if "fusedbn" in parts else "torch"
+        model, forward = fast, (lambda z: fast.experts_forward(z))
         params = list(fast.experts.parameters())
     model.train()
 
-    def step():
+    def body(z=x):
         with _autocast(device):
-            out = forward()
-        torch.autograd.grad(out.float().sum(), params)
-    return step
+            out = forward(z)
+        return torch.autograd.grad(out.float().sum(), params)
+    if "graph" not in parts:
+        return body
+    from fastmoe_adv import graphs
+    gs = graphs.graph_set(model, graphs.signature((model,), (x,), ("profile", path)),
+                          lambda: dict(x=torch.empty_like(x)))
+    gs.load(x=x)
+    return lambda: gs.run("fwd+bwd", lambda: body(gs.buf.x))
 
 
-def _pgd_step(fast, bn, x, y, sizes, device):
+def _pgd_step(fast, bn, x, y, sizes, device, graph=False):
     import torch
 
     from fastmoe_adv import attacks
@@ -302,17 +312,17 @@ def _pgd_step(fast, bn, x, y, sizes, device):
 
     def step():
         with _autocast(device):
-            attacks.pgd(fast, x, y, 8 / 255, 2 / 255, sizes.pgd_steps, random_start=True, generator=gen)
+            attacks.pgd(fast, x, y, 8 / 255, 2 / 255, sizes.pgd_steps, random_start=True, generator=gen, graph=graph)
     return step
 
 
-def _phase_step(fast, phase, bn, sizes, device):
+def _phase_step(fast, phase, bn, sizes, device, graph=False, executor="grouped"):
     import torch
 
     from fastmoe_adv import attacks
     from fastmoe_adv.train import Phase2Attack, TrainConfig, phase1_step, phase2_step
     from fastmoe_adv.train.steps import ExpertsNet
-    fast.executor, fast.bn_backend = "grouped", bn
+    fast.executor, fast.bn_backend = executor, bn
     gen = torch.Generator(device=device).manual_seed(0)
     opt = torch.optim.SGD(fast.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     b, e, k = sizes.small, sizes.experts, fast.num_classes
@@ -321,11 +331,11 @@ def _phase_step(fast, phase, bn, sizes, device):
         net = ExpertsNet(fast)
         plan = attacks.make_plan(fast.roles, fgsm_eps=0.03, pgd_steps=sizes.pgd_steps, pgd_eps=8 / 255,
                                  pgd_alpha=2 / 255)
-        return lambda: phase1_step(fast, net, opt, x, y, plan, generator=gen, bf16=device == "cuda")
+        return lambda: phase1_step(fast, net, opt, x, y, plan, generator=gen, bf16=device == "cuda", graph=graph)
     x, y = _images(device, b, 3, sizes.hw, sizes.hw), torch.randint(0, k, (b,), device=device)
     cfg = TrainConfig(width=fast.width, bf16=device == "cuda", channels_last=device == "cuda")
     attack = Phase2Attack("pgd", 8 / 255, 2 / 255, sizes.pgd_steps)
-    return lambda: phase2_step(fast, fast, opt, x, y, attack, cfg, generator=gen)
+    return lambda: phase2_step(fast, fast, opt, x, y, attack, cfg, generator=gen, graph=graph)
 
 
 def workloads(sizes, device):
@@ -334,19 +344,25 @@ def workloads(sizes, device):
     s = sizes
     big = f"b{s.big}"
     out = []
-    for path in ("grouped", "loop", "grouped+fusedbn", "loop+fusedbn", "modulelist"):
+    graphs = device == "cuda"   # "+graph": CUDA graph replays (fastmoe_adv.graphs); uncaptured elsewhere
+    experts = ["grouped", "loop", "grouped+fusedbn", "loop+fusedbn", "modulelist"]
+    experts += ["loop+graph", "loop+fusedbn+graph", "grouped+graph"] if graphs else []
+    for path in experts:
         out.append((f"experts {big} fwd+bwd", path, lambda ref, fast, p=path: _experts_step(
             ref, fast, p, _images(device, s.big, 3, s.hw, s.hw), device), s.light))
-    bns = (("torch", "grouped"), ("triton", "grouped+fusedbn"))
+    # (path, bn_backend, executor, graph)
+    steps = [("grouped", "torch", "grouped", False), ("grouped+fusedbn", "triton", "grouped", False)]
+    steps += [("grouped+graph", "torch", "grouped", True), ("loop+graph", "torch", "loop", True)] if graphs else []
     for phase in (1, 2):
-        for bn, path in bns:
+        for path, bn, ex, gr in steps:
             out.append((f"phase{phase} step b{s.small} pgd{s.pgd_steps}", path,
-                        lambda ref, fast, ph=phase, bn=bn: _phase_step(fast, ph, bn, s, device), s.heavy))
-    for bn, path in bns:
-        def pgd(ref, fast, bn=bn):
+                        lambda ref, fast, ph=phase, bn=bn, ex=ex, gr=gr: _phase_step(fast, ph, bn, s, device, gr, ex),
+                        s.heavy))
+    for path, bn, _, gr in steps[:3]:
+        def pgd(ref, fast, bn=bn, gr=gr):
             import torch
             y = torch.randint(0, fast.num_classes, (s.big,), device=device)
-            return _pgd_step(fast, bn, _images(device, s.big, 3, s.hw, s.hw), y, s, device)
+            return _pgd_step(fast, bn, _images(device, s.big, 3, s.hw, s.hw), y, s, device, gr)
         out.append((f"pgd{s.pgd_steps} mixture {big} eval", path, pgd, s.heavy))
     return out
 
