@@ -188,16 +188,22 @@ def _from_table(key, table) -> Decision:
 
 
 def _probe_and_cache(engine, x, key, candidates=None, kind="executor") -> Decision:
+    # bn_backend="auto" must never be worse than "torch": a fused kernel that fails on this
+    # device (any error, reported in the reason) loses the probe instead of failing the forward.
+    tolerate = (Exception,) if kind == "bn_backend" else (torch.cuda.OutOfMemoryError,)
     with _LOCK:
         if key in _PROBED:  # another thread probed it meanwhile
             return _PROBED[key]
-        timings = probe(engine, x, PROBE_SETTINGS.runs, PROBE_SETTINGS.warmup, PROBE_SETTINGS.timer, candidates)
+        errors = {}
+        timings = probe(engine, x, PROBE_SETTINGS.runs, PROBE_SETTINGS.warmup, PROBE_SETTINGS.timer, candidates,
+                        tolerate, errors)
         labels = list(timings)
         best = min(labels, key=lambda e: timings[e])
         other = labels[1 - labels.index(best)]
         ratio = timings[other] / timings[best] if timings[best] > 0 else math.inf
         reason = (f"probe: median of {PROBE_SETTINGS.runs} passes, {best} {_fmt_s(timings[best])} vs "
                   f"{other} {_fmt_s(timings[other])} ({ratio:.2f}x)")
+        reason += "".join(f"; {e} failed: {msg}" for e, msg in errors.items())
         decision = Decision(best, "probe", key, reason, dict(timings), kind)
         _PROBED[key] = decision
         return decision
@@ -240,9 +246,12 @@ def decide_bn_backend(engine, x, executor: str) -> Decision:
 
 
 # ----------------------------------------------------------------------------- the probe
-def probe(engine, x, runs: int = 5, warmup: int = 2, timer: Callable | None = None, candidates=None) -> dict:
+def probe(engine, x, runs: int = 5, warmup: int = 2, timer: Callable | None = None, candidates=None,
+          tolerate=(torch.cuda.OutOfMemoryError,), errors: dict | None = None) -> dict:
     """Median seconds of one pass of each executor (``{"grouped": s, "loop": s}``) on ``x``;
-    with ``candidates`` (label -> (executor, bn_backend)), of each candidate instead.
+    with ``candidates`` (label -> (executor, bn_backend)), of each candidate instead. A candidate
+    that raises one of ``tolerate`` gets ``inf`` (all of them failing re-raises the first error)
+    and, given an ``errors`` dict, its error message there.
 
     The pass is what the caller is doing: with grad mode on and ``x`` requiring grad, forward +
     input gradient (an attack step); with grad mode on and trainable parameters, forward +
@@ -277,7 +286,7 @@ def probe(engine, x, runs: int = 5, warmup: int = 2, timer: Callable | None = No
             try:
                 for _ in range(warmup):
                     one_pass(e)
-            except torch.cuda.OutOfMemoryError as exc:
+            except tolerate as exc:
                 failed[e] = exc
                 _free(x.device)
         if graphs.graphing() and x.device.type == "cuda":
@@ -288,13 +297,16 @@ def probe(engine, x, runs: int = 5, warmup: int = 2, timer: Callable | None = No
                     continue
                 try:
                     samples[e].append(float(timer(passes[e], e)))
-                except torch.cuda.OutOfMemoryError as exc:
+                except tolerate as exc:
                     failed[e] = exc
                     _free(x.device)
     finally:
         with torch.no_grad():
             for name, b in engine.named_buffers():
                 b.copy_(saved[name])
+    if errors is not None:
+        errors.update({e: f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+                       for e, exc in failed.items()})
     if len(failed) == len(labels):
         raise failed[labels[0]]
     return {e: (math.inf if e in failed or not samples[e] else statistics.median(samples[e])) for e in labels}
@@ -414,4 +426,4 @@ def _capturing(x) -> bool:
 
 
 def _fmt_s(seconds) -> str:
-    return "failed (out of memory)" if math.isinf(seconds) else f"{seconds * 1e3:.3f} ms"
+    return "failed (out of memory or an error)" if math.isinf(seconds) else f"{seconds * 1e3:.3f} ms"

@@ -303,3 +303,28 @@ def test_probe_with_candidates_times_each_label():
                              timer=lambda run, label: seen.append(label) or {"a": 2.0, "b": 1.0}[label],
                              candidates={"a": ("grouped", "torch"), "b": ("loop", "torch")})
     assert timings == {"a": 2.0, "b": 1.0} and seen == ["a", "b"]
+
+
+def test_bn_auto_falls_back_to_torch_when_the_fused_op_fails(monkeypatch):
+    """A fused kernel that fails on the device loses the probe (the error in the reason) instead
+    of failing the forward: "auto" is never worse than "torch"."""
+    monkeypatch.setenv(autotune.ENV_VAR, "probe")
+    autotune.PROBE_SETTINGS.runs, autotune.PROBE_SETTINGS.warmup = 1, 1
+    engine = _engine()
+    engine.bn_backend = "auto"
+    real = engine._forward
+
+    def broken(x, experts=None, executor=None, bn_backend=None):
+        if bn_backend == "triton":
+            raise RuntimeError("no kernel image is available for execution on the device")
+        return real(x, experts, executor, bn_backend)
+
+    monkeypatch.setattr(engine, "_forward", broken)
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        out = engine(x)
+        bn = [d for d in autotune.decisions() if d.kind == "bn_backend"][-1]
+        assert bn.executor == "torch" and math.isinf(bn.timings["triton"])
+        assert "triton failed: RuntimeError: no kernel image" in bn.reason
+        engine.bn_backend = "torch"
+        assert torch.equal(out, real(x))
