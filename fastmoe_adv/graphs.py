@@ -209,7 +209,9 @@ class GraphSet:
         return graph
 
     def _capture_graph(self, body):
-        """Warm up on a side stream, then capture; returns (graph, body's outputs)."""
+        """Warm up on a side stream, then capture on the same stream (per-stream library state,
+        such as a cuBLAS workspace, is then created before the capture, not during it); returns
+        (graph, body's outputs)."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side), _autocast_without_cache(), _graphing_scope():
@@ -217,7 +219,7 @@ class GraphSet:
                 body()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool), _autocast_without_cache(), _graphing_scope():
+        with torch.cuda.graph(graph, pool=self.pool, stream=side), _autocast_without_cache(), _graphing_scope():
             out = body()
         return graph, out
 
