@@ -359,3 +359,15 @@ def test_a_folded_mixture_is_recaptured_after_its_weights_change():
     moe.fold_bn = True
     plain = A.pgd(moe, x, y, 0.03, 0.01, 3, random_start=False)
     assert torch.equal(A.pgd(moe, x, y, 0.03, 0.01, 3, random_start=False, graph=True), plain)
+
+
+def test_periodic_evaluation_with_graphs_reports_the_same_accuracies():
+    from fastmoe_adv.evaluate.experts import expert_robustness, mixture_robustness
+    moe, _ = small_moe()
+    x, _ = data(b=10, seed=4)
+    with torch.no_grad():
+        y = moe(x).argmax(-1)            # the mixture is right on every clean image: the attack has work to do
+    kw = dict(pgd_eps=0.1, pgd_alpha=0.04, pgd_steps=3, batch_size=4, seed=1)   # batches of 4, 4 and 2
+    mixture = mixture_robustness(moe, x, y, graph=True, **kw)
+    assert mixture == mixture_robustness(moe, x, y, **kw) and mixture["clean"] == 1.0 > mixture["pgd"]
+    assert expert_robustness(moe, x, y, graph=True, **kw) == expert_robustness(moe, x, y, **kw)

@@ -19,10 +19,11 @@ def _correct_per_expert(model, x, y):
 
 def expert_robustness(model: FastSoftMoE, images, labels, fgsm_eps: float | None = DEFAULT_EPS,
                       pgd_eps: float = DEFAULT_EPS, pgd_alpha: float = DEFAULT_ALPHA, pgd_steps: int = 20,
-                      batch_size: int = 256, device=None, seed: int = 0, random_start: bool = True) -> dict:
+                      batch_size: int = 256, device=None, seed: int = 0, random_start: bool = True,
+                      graph: bool = False) -> dict:
     """Accuracy of every expert as a stand-alone model (white-box: each attacked against itself,
     all experts in one grouped pass): ``{"clean": [E], "fgsm": [E], "pgd": [E]}`` in [0, 1].
-    ``fgsm_eps=None`` / ``pgd_steps=0`` skip that attack."""
+    ``fgsm_eps=None`` / ``pgd_steps=0`` skip that attack; ``graph``: CUDA-graphed attack steps."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     gen = generator(device, seed)
     E = model.num_experts
@@ -39,15 +40,16 @@ def expert_robustness(model: FastSoftMoE, images, labels, fgsm_eps: float | None
             x, y = to_device(images[s], device), labels[s].to(device)
             correct["clean"] += _correct_per_expert(model, x, y)
             for kind, plan in plans.items():
-                x_adv = _attacks.attack_experts(model, x, y, plan, generator=gen)
+                x_adv = _attacks.attack_experts(model, x, y, plan, generator=gen, graph=graph)
                 correct[kind] += _correct_per_expert(model, x_adv, y)
     return {k: (v.double() / max(1, n)).tolist() for k, v in correct.items()}
 
 
 def mixture_robustness(model: FastSoftMoE, images, labels, pgd_eps=DEFAULT_EPS, pgd_alpha=DEFAULT_ALPHA, pgd_steps=20,
-                       batch_size=256, device=None, seed=0, gate: bool = False) -> dict:
+                       batch_size=256, device=None, seed=0, gate: bool = False, graph: bool = False) -> dict:
     """Quick held-out check of the whole mixture: clean and PGD accuracy in [0, 1]; with
-    ``gate``, the gate's mean weights on clean and PGD inputs and its input dependence."""
+    ``gate``, the gate's mean weights on clean and PGD inputs and its input dependence;
+    ``graph``: CUDA-graphed PGD steps."""
     from .gate import gate_statistics
     device = torch.device(device) if device is not None else next(model.parameters()).device
     gen = generator(device, seed)
@@ -62,7 +64,7 @@ def mixture_robustness(model: FastSoftMoE, images, labels, pgd_eps=DEFAULT_EPS, 
             weights["clean"].append(out.gate_weights.cpu())
             if pgd_steps:
                 with torch.enable_grad():
-                    xa = _attacks.pgd(model, x, y, pgd_eps, pgd_alpha, pgd_steps, generator=gen)
+                    xa = _attacks.pgd(model, x, y, pgd_eps, pgd_alpha, pgd_steps, generator=gen, graph=graph)
                 out = model(xa, return_details=True)
                 adv += int((out.logits.argmax(-1) == y).sum())
                 weights["pgd"].append(out.gate_weights.cpu())

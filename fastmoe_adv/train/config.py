@@ -105,8 +105,8 @@ class TrainConfig:
     # -- speed (CUDA only; ignored on CPU)
     bf16: bool = _f(False, "bf16 autocast for the forward passes (CUDA)")
     channels_last: bool = _f(False, "channels_last weights and 4-D inputs (CUDA)")
-    cuda_graphs: bool = _f(False, "capture the attack steps and the training pass as CUDA graphs (CUDA, one "
-                                  "process; full batches only: the last partial batch runs uncaptured)", "free")
+    cuda_graphs: bool = _f(False, "capture the attack steps (also those of the periodic evaluation) and the "
+                                  "training pass as CUDA graphs (CUDA, one process)", "free")
     # -- evaluation, logging, checkpoints
     eval_every: int = _f(0, "steps between held-out evaluations (0: end of each epoch; <0: never)", "free")
     eval_limit: int = _f(512, "held-out images per periodic evaluation", "free")

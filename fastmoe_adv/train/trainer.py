@@ -534,7 +534,7 @@ def pretrain(cfg: TrainConfig, out_dir, resume: bool = False, progress: bool = T
         def eval_fn(m, images, labels):
             r = expert_robustness(m, images, labels, fgsm_eps=None, pgd_eps=cfg.pgd_eps, pgd_alpha=cfg.pgd_alpha,
                                   pgd_steps=cfg.eval_pgd_steps_scaled, batch_size=cfg.eval_batch_size,
-                                  seed=cfg.seed + 12345)
+                                  seed=cfg.seed + 12345, graph=cfg.cuda_graphs)
             return {f"expert_{k}": v for k, v in r.items()}
 
         run.fit(step_fn, eval_fn, "phase 1 (experts)")
@@ -571,7 +571,7 @@ def train(cfg: TrainConfig, out_dir, init=None, resume: bool = False, progress: 
 
         def eval_fn(m, images, labels):
             r = mixture_robustness(m, images, labels, cfg.pgd_eps, cfg.pgd_alpha, cfg.eval_pgd_steps_scaled,
-                                   cfg.eval_batch_size, seed=cfg.seed + 12345, gate=True)
+                                   cfg.eval_batch_size, seed=cfg.seed + 12345, gate=True, graph=cfg.cuda_graphs)
             _warn_gate(r, list(m.roles), run)
             return r
 
