@@ -320,8 +320,8 @@ def _as_graph_replays(passes: dict, failed: dict) -> dict:
         if e in failed:
             continue
         graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph):
+        try:  # on the stream the warm-up passes ran on (the caller's warm-up stream)
+            with torch.cuda.graph(graph, stream=torch.cuda.current_stream()):
                 run()
             replays[e] = graph.replay
         except Exception:  # noqa: BLE001 - timed eagerly instead

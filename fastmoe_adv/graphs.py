@@ -247,7 +247,9 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.
     captured gradients to the parameters' ``.grad`` and runs ``optimizer.step()`` eagerly (so
     learning-rate schedules work unchanged). Returns (loss, stats), detached copies. The same
     function as ``loss.backward(); optimizer.step()``; x and y must keep their shapes from call
-    to call to reuse the capture (a new shape captures anew). Not for DistributedDataParallel,
+    to call to reuse the capture (a new shape captures anew). ``loss_fn`` should run ``net``
+    only: what the warm-up runs change in ``net``'s buffers (BatchNorm statistics) is undone
+    before the first real step, in other modules' it is not. Not for DistributedDataParallel,
     whose all-reduce runs in backward hooks that the captured gradients do not fire.
     """
     if isinstance(net, torch.nn.parallel.DistributedDataParallel):
