@@ -262,7 +262,8 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.
 
     def body():
         loss, stats = loss_fn(gs.buf.x, gs.buf.y)
-        return loss.detach(), stats.detach(), torch.autograd.grad(loss, params, allow_unused=True)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return loss.detach(), stats.detach(), [_like_param(g, p) for g, p in zip(grads, params)]
 
     loss, stats, grads = gs.run("train", body)
     optimizer.zero_grad(set_to_none=True)
@@ -270,6 +271,14 @@ def train_step(net: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.
         p.grad = g      # the graph's static gradient: read by this step, rewritten by the next replay
     optimizer.step()
     return loss.clone(), stats.clone()
+
+
+def _like_param(grad, param):
+    """The gradient in its parameter's memory layout, as ``backward()`` would store it (the
+    optimizer's multi-tensor kernels take their fast path only when the layouts agree)."""
+    if grad is None or grad.stride() == param.stride():
+        return grad
+    return torch.empty_like(param).copy_(grad)
 
 
 # ----------------------------------------------------------------------------- the cache

@@ -371,3 +371,20 @@ def test_periodic_evaluation_with_graphs_reports_the_same_accuracies():
     mixture = mixture_robustness(moe, x, y, graph=True, **kw)
     assert mixture == mixture_robustness(moe, x, y, **kw) and mixture["clean"] == 1.0 > mixture["pgd"]
     assert expert_robustness(moe, x, y, graph=True, **kw) == expert_robustness(moe, x, y, **kw)
+
+
+def test_train_step_hands_the_optimizer_gradients_in_the_parameters_layout():
+    """As backward() does: the grouped head's einsum gives its weight gradient another layout."""
+    torch.manual_seed(0)
+    engine = fm.GroupedResNet18(num_experts=3, width=4, executor="grouped").train()
+    opt = torch.optim.SGD(engine.parameters(), lr=0.1, momentum=0.9)
+    x, y = torch.rand(4, 3, 8, 8), torch.randint(0, 10, (4,))
+
+    def loss_fn(xb, yb):
+        logits = engine(xb).mean(dim=1)
+        return torch.nn.functional.cross_entropy(logits, yb), (logits.argmax(-1) == yb).sum()
+
+    raw = torch.autograd.grad(loss_fn(x, y)[0], list(engine.parameters()))
+    assert any(g.stride() != p.stride() for g, p in zip(raw, engine.parameters()))   # not vacuous
+    fm.graphs.train_step(engine, opt, x, y, loss_fn)
+    assert all(p.grad.stride() == p.stride() for p in engine.parameters())
