@@ -395,14 +395,8 @@ def _device_name(device) -> str:
 
 
 def _autocast_state(device_type) -> str:
-    try:
-        if not torch.is_autocast_enabled(device_type):
-            return "off"
-        return str(torch.get_autocast_dtype(device_type)).replace("torch.", "")
-    except TypeError:  # torch < 2.4: no device argument
-        if device_type == "cuda":
-            return str(torch.get_autocast_gpu_dtype()).replace("torch.", "") if torch.is_autocast_enabled() else "off"
-        return "off"
+    dtype = graphs.autocast_dtype(device_type)
+    return "off" if dtype is None else str(dtype).replace("torch.", "")
 
 
 def _key(engine, x) -> tuple:

@@ -50,8 +50,8 @@ from typing import Callable
 
 import torch
 
-__all__ = ["GraphSet", "graph_set", "train_step", "signature", "explain", "records", "clear", "graphing", "MAX_SETS",
-           "WARMUP"]
+__all__ = ["GraphSet", "graph_set", "train_step", "signature", "explain", "records", "clear", "graphing",
+           "autocast_dtype", "MAX_SETS", "WARMUP"]
 
 MAX_SETS = 8      # graph sets kept per owner module (each holds its graphs' memory pool)
 WARMUP = 2        # eager runs of a body on a side stream before it is captured
@@ -96,10 +96,21 @@ def _tensor_sig(t: torch.Tensor) -> tuple:
     return tuple(t.shape), t.dtype, t.stride(), str(t.device)
 
 
+def autocast_dtype(device_type: str):
+    """The dtype of the autocast active for ``device_type`` on this thread, None when off
+    (torch 2.1+: before 2.4 only the CUDA state is readable)."""
+    try:
+        if not torch.is_autocast_enabled(device_type):
+            return None
+        return torch.get_autocast_dtype(device_type)
+    except TypeError:  # torch < 2.4: no device argument
+        if device_type == "cuda" and torch.is_autocast_enabled():
+            return torch.get_autocast_gpu_dtype()
+        return None
+
+
 def _autocast_sig() -> tuple:
-    if torch.cuda.is_available() and torch.is_autocast_enabled("cuda"):
-        return ("cuda", torch.get_autocast_dtype("cuda"))
-    return ("off",)
+    return ("cuda", autocast_dtype("cuda"))
 
 
 def signature(modules=(), tensors=(), extra=()) -> tuple:
@@ -132,9 +143,8 @@ def _cache_versions(module) -> tuple:
 
 
 def _autocast_without_cache():
-    if torch.cuda.is_available() and torch.is_autocast_enabled("cuda"):
-        return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
-    return contextlib.nullcontext()
+    dtype = autocast_dtype("cuda")
+    return contextlib.nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype, cache_enabled=False)
 
 
 # ----------------------------------------------------------------------------- the set

@@ -388,3 +388,9 @@ def test_train_step_hands_the_optimizer_gradients_in_the_parameters_layout():
     assert any(g.stride() != p.stride() for g, p in zip(raw, engine.parameters()))   # not vacuous
     fm.graphs.train_step(engine, opt, x, y, loss_fn)
     assert all(p.grad.stride() == p.stride() for p in engine.parameters())
+
+
+def test_autocast_dtype_reads_the_active_autocast():
+    assert graphs.autocast_dtype("cpu") is None and graphs.autocast_dtype("cuda") is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert graphs.autocast_dtype("cpu") == torch.bfloat16 and graphs.autocast_dtype("cuda") is None
